@@ -17,6 +17,7 @@ setup: $(STAMP)
 
 $(STAMP): Makefile requirements-dev.txt $(addsuffix /pyproject.toml,$(DISTS)) $(EXTRA_SETUP)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -r requirements-dev.txt
 	$(PIP) install -q --no-build-isolation $(addprefix -e ./,$(DISTS))

@@ -1,0 +1,128 @@
+"""The format interface: how tensors are laid out in files, on top of any backend.
+
+A format turns DCP's plans into files through a :class:`~ckptio.Backend`'s file API, so each format
+works on every backend. The commit (manifest, rename or marker) is not the format's business: the
+core does it the same way for all formats after :meth:`FormatWriter.finish` has gathered what each
+rank wrote.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+
+from ..backend import Backend
+from ..manifest import Manifest
+
+
+@dataclass
+class TensorEntry:
+    """One stored tensor (or chunk of one), as ``ckptio inspect`` shows it."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    file: str
+    offsets: list[int] | None = None
+
+
+class FormatWriter(StorageWriter):
+    """Boilerplate for format writers: per-rank file prefixes and result collection.
+
+    Subclasses implement :meth:`write_items` (on every rank) and :meth:`build_metadata` (on the
+    coordinator, from every rank's results). After ``finish`` the coordinator's writer holds
+    :attr:`format_metadata` and :attr:`files`, which the core puts in the manifest.
+    """
+
+    def __init__(self, backend: Backend, path: str, **options: Any) -> None:
+        super().__init__()
+        self.backend = backend
+        self.path = path
+        self.options = options
+        self.rank = 0
+        self.is_coordinator = True
+        self.format_metadata: dict[str, Any] = {}
+        self.files: dict[str, dict[str, Any]] = {}
+        self.bytes_written = 0
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        return None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [dataclasses.replace(p, storage_data=f"__{i}") for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
+        prefix = plan.storage_data if isinstance(plan.storage_data, str) else f"__{self.rank}"
+        results = self.write_items(list(plan.items), planner, prefix)
+        self.bytes_written = sum(r.size_in_bytes for r in results)
+        fut: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        flat = [r for rank_results in results for r in rank_results]
+        self.format_metadata, self.files = self.build_metadata(metadata, flat)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def write_items(self, items: list[WriteItem], planner: SavePlanner, prefix: str) -> list[WriteResult]:
+        """Write this rank's items to files named with ``prefix``; return one result per item."""
+
+    @abc.abstractmethod
+    def build_metadata(
+        self, metadata: Metadata, results: list[WriteResult]
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Return ``(format_metadata, files)`` for the manifest: JSON only."""
+
+
+class Format(abc.ABC):
+    """A checkpoint format, registered by name through the ``register_formats`` hook."""
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def storage_writer(self, backend: Backend, path: str, **options: Any) -> FormatWriter:
+        """A DCP writer that puts files under ``path`` (a staging or final directory)."""
+
+    @abc.abstractmethod
+    def storage_reader(
+        self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
+    ) -> StorageReader:
+        """A DCP reader for the checkpoint at ``path``. ``manifest`` is ``None`` for foreign
+        checkpoints that :meth:`detect` recognised (e.g. a ``save_pretrained`` directory)."""
+
+    def detect(self, backend: Backend, path: str) -> bool:
+        """Whether ``path`` holds a checkpoint of this format written by another tool."""
+        return False
+
+    def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
+        """Re-read every stored byte and check it; return the bytes checked.
+
+        Raises :class:`~ckptio.errors.CorruptCheckpointError` naming the damaged file.
+        """
+        raise NotImplementedError(f"format {self.name!r} cannot verify checkpoints")
+
+    def tensors(self, backend: Backend, path: str, manifest: Manifest | None) -> list[TensorEntry]:
+        """What is stored, for ``ckptio inspect``."""
+        return []

@@ -1,0 +1,364 @@
+"""``CheckpointManager``: a series of checkpoints under one root URL.
+
+Layout (every file goes through the root's backend, so the series is complete on any store)::
+
+    <root>/latest              name of the newest committed step (a hint; verified on use)
+    <root>/step_00000100/      one checkpoint (see ckptio.checkpoint for the commit protocol)
+
+Only committed steps exist for ``steps()``, ``latest_step()``, ``load()`` and retention. The next
+save removes what interrupted saves left behind. With ``async_save=True``, ``save()`` returns once
+the state is copied to host buffers (reused across saves); writing, committing, ``after_commit``
+addons and retention run in the background, and a background failure is raised by the next
+``save()``, ``wait()`` or ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from . import _dist
+from .addons import AddonSet, AddonSpecLike
+from .checkpoint import (
+    OLD_SUFFIX,
+    PARTIAL_SUFFIX,
+    LoadResult,
+    SaveResult,
+    load_checkpoint,
+    open_backend,
+    read_manifest,
+    save_checkpoint,
+)
+from .errors import AsyncSaveError, CheckpointError, CheckpointNotFoundError
+from .manifest import MANIFEST_NAME
+from .retention import KeepAll, RetentionPolicy, StepInfo
+from .staging import HostStager
+from .url import URL
+
+log = logging.getLogger("ckptio.manager")
+
+LATEST_NAME = "latest"
+_STEP_RE = re.compile(r"^step_(\d{1,18})$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    """Save, find, load and prune the checkpoints of one run.
+
+    :param root_url: where the series lives (any URL ckptio understands, format prefix included).
+    :param retention: which committed steps to keep (default: all). The newest committed step
+        and the step this run resumed from are always kept.
+    :param async_save: return from ``save()`` once the state is staged in host memory.
+    :param max_in_flight: background saves allowed at once (each has its own staging buffers).
+    :param addons: addons active for every save and load of this manager.
+    :param storage_options: passed to the backend.
+    :param process_group: the ranks taking part (default: the default group, if initialised).
+    :param save_options: passed to every save (format options such as ``thread_count``).
+    """
+
+    def __init__(
+        self,
+        root_url: str,
+        *,
+        retention: RetentionPolicy | None = None,
+        async_save: bool = False,
+        max_in_flight: int = 1,
+        addons: Iterable[AddonSpecLike] = (),
+        storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
+        **save_options: Any,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight={max_in_flight!r}: must be >= 1")
+        self.root, self.backend = open_backend(root_url, storage_options)
+        self.retention = retention or KeepAll()
+        self.async_save = async_save
+        self.max_in_flight = max_in_flight
+        self.addons = AddonSet(addons)
+        self.process_group = process_group
+        self.save_options = save_options
+        self.resumed_from: int | None = None
+        self._in_flight: list[tuple[int, Future[SaveResult]]] = []
+        self._stagers = [HostStager() for _ in range(max_in_flight)]
+        self._stager_busy: dict[int, Future[SaveResult]] = {}
+        self._errors: list[BaseException] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._bg_group = process_group
+        if async_save:
+            self._executor = ThreadPoolExecutor(max_in_flight, thread_name_prefix="ckptio-async")
+            if _dist.active(process_group):
+                import torch.distributed as dist
+
+                ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+                # background collectives must not share a communicator with training
+                self._bg_group = dist.new_group(ranks=ranks, backend="gloo")
+        self._deleter: queue.Queue[str | None] = queue.Queue()
+        self._deleter_thread: threading.Thread | None = None
+        self._metrics_cache: dict[int, dict[str, float]] = {}
+        self._closed = False
+        self._lock = threading.Lock()
+        self.last_result: SaveResult | None = None
+
+    # -- discovery ----------------------------------------------------------------------------
+    def _step_path(self, step: int) -> str:
+        return self.backend.join(self.root.path, step_name(step))
+
+    def url_of(self, step: int) -> URL:
+        """The URL of one step's checkpoint."""
+        return self.root.join(step_name(step))
+
+    def _is_committed(self, step: int) -> bool:
+        return self.backend.exists(self.backend.join(self._step_path(step), MANIFEST_NAME))
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        out = []
+        for name in self.backend.listdir(self.root.path):
+            m = _STEP_RE.match(name)
+            if m and self._is_committed(int(m.group(1))):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def all_steps(self) -> dict[int, bool]:
+        """Every step directory seen, committed or not (``ckptio ls``)."""
+        out: dict[int, bool] = {}
+        for name in self.backend.listdir(self.root.path):
+            m = _STEP_RE.match(name.lstrip(".").removesuffix(PARTIAL_SUFFIX).removesuffix(OLD_SUFFIX))
+            if m:
+                step = int(m.group(1))
+                out[step] = out.get(step, False) or (name == step_name(step) and self._is_committed(step))
+        return dict(sorted(out.items()))
+
+    def latest_step(self) -> int | None:
+        """The newest committed step: the ``latest`` pointer when valid, else a scan."""
+        try:
+            text = self.backend.read_bytes(self.backend.join(self.root.path, LATEST_NAME))[:64].decode().strip()
+            m = _STEP_RE.match(text)
+            if m and self._is_committed(int(m.group(1))):
+                pointed = int(m.group(1))
+                steps = self.steps()
+                return max([pointed, *steps])
+            if text:
+                log.warning("ignoring invalid %s pointer %r under %s", LATEST_NAME, text[:64], self.root)
+        except (CheckpointNotFoundError, FileNotFoundError, UnicodeDecodeError):
+            pass
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def metrics(self, step: int) -> dict[str, float]:
+        if step not in self._metrics_cache:
+            m = read_manifest(self.backend, self._step_path(step))
+            self._metrics_cache[step] = dict(m.metrics) if m else {}
+        return self._metrics_cache[step]
+
+    # -- save ---------------------------------------------------------------------------------
+    def _raise_pending(self) -> None:
+        with self._lock:
+            done = [(s, f) for s, f in self._in_flight if f.done()]
+            self._in_flight = [(s, f) for s, f in self._in_flight if not f.done()]
+        for step, fut in done:
+            exc = fut.exception()
+            if exc is not None:
+                raise AsyncSaveError(f"background save of step {step} to {self.url_of(step)} failed: {exc}") from exc
+
+    def _cleanup_partials(self, keep: set[int]) -> None:
+        def clean() -> None:
+            for name in self.backend.listdir(self.root.path):
+                base = name.lstrip(".").removesuffix(PARTIAL_SUFFIX).removesuffix(OLD_SUFFIX)
+                m = _STEP_RE.match(base)
+                if not m or int(m.group(1)) in keep:
+                    continue
+                step = int(m.group(1))
+                if name != base or not self._is_committed(step):
+                    log.info("removing leftovers of an interrupted save: %s", name)
+                    self.backend.remove(self.backend.join(self.root.path, name), recursive=True)
+
+        _dist.on_coordinator(clean, self.process_group)
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        *,
+        metrics: dict[str, float] | None = None,
+        final: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> SaveResult | None:
+        """Save ``state`` as ``step``. Returns the result (``None`` when saving in the background).
+
+        Raises a pending background failure first (:class:`~ckptio.AsyncSaveError`).
+        """
+        if self._closed:
+            raise CheckpointError("this CheckpointManager is closed")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step={step!r}: must be a non-negative integer")
+        self._raise_pending()
+        if not self.async_save:
+            self._cleanup_partials(set())
+            result = self._save_now(step, state, state, metrics, final, metadata, self.process_group)
+            self.last_result = result
+            return result
+        # wait for a free slot (and its staging buffers)
+        while True:
+            with self._lock:
+                free = [i for i in range(self.max_in_flight) if i not in self._stager_busy or self._stager_busy[i].done()]
+                busy = [f for f in self._stager_busy.values() if not f.done()]
+            if free:
+                break
+            busy[0].exception()  # waits; errors are raised by _raise_pending
+        self._raise_pending()
+        slot = free[0]
+        in_flight = {s for s, f in self._in_flight if not f.done()}
+        self._cleanup_partials(in_flight)
+        from .checkpoint import expand_state
+
+        rank, _ = _dist.rank_and_size(self.process_group)
+        staged = self._stagers[slot].stage(expand_state(state, rank))
+        assert self._executor is not None
+        fut = self._executor.submit(self._save_now, step, staged, state, metrics, final, metadata, self._bg_group)
+        with self._lock:
+            self._stager_busy[slot] = fut
+            self._in_flight.append((step, fut))
+        return None
+
+    def _save_now(
+        self,
+        step: int,
+        state: dict[str, Any],
+        user_state: dict[str, Any],
+        metrics: dict[str, float] | None,
+        final: bool,
+        metadata: dict[str, Any] | None,
+        pg: Any,
+    ) -> SaveResult:
+        result, _ = save_checkpoint(
+            state, self.url_of(step), backend=self.backend, process_group=pg, addons=self.addons, step=step,
+            metrics=metrics, user_metadata=metadata, is_final=final, addon_state=user_state, **self.save_options,
+        )
+        self._metrics_cache[step] = dict(metrics or {})
+
+        def publish() -> None:
+            self.backend.write_bytes(self.backend.join(self.root.path, LATEST_NAME), (step_name(step) + "\n").encode())
+            self._apply_retention()
+
+        _dist.on_coordinator(publish, pg)
+        self.last_result = result
+        return result
+
+    # -- retention ----------------------------------------------------------------------------
+    def protected_steps(self, steps: list[int] | None = None) -> set[int]:
+        """Steps retention never deletes: the newest committed one and the one resumed from."""
+        steps = self.steps() if steps is None else steps
+        protected = {steps[-1]} if steps else set()
+        if self.resumed_from is not None:
+            protected.add(self.resumed_from)
+        return protected
+
+    def _apply_retention(self) -> None:
+        steps = self.steps()
+        infos = [StepInfo(s, self.metrics(s)) for s in steps]
+        keep = self.retention.keep(infos) | self.protected_steps(steps)
+        for s in steps:
+            if s not in keep:
+                self._delete_in_background(self._step_path(s))
+                self._metrics_cache.pop(s, None)
+
+    def _delete_in_background(self, path: str) -> None:
+        if self._deleter_thread is None or not self._deleter_thread.is_alive():
+            self._deleter_thread = threading.Thread(target=self._delete_loop, name="ckptio-retention", daemon=True)
+            self._deleter_thread.start()
+        self._deleter.put(path)
+
+    def _delete_loop(self) -> None:
+        while True:
+            path = self._deleter.get()
+            try:
+                if path is None:
+                    return
+                self._delete_path(path)
+            except Exception as exc:  # retention must never stop training
+                log.warning("retention could not delete %s: %s", self.backend.url(path), exc)
+            finally:
+                self._deleter.task_done()
+
+    def _delete_path(self, path: str) -> None:
+        # uncommit first: a half-deleted step must not look like a checkpoint
+        self.backend.remove(self.backend.join(path, MANIFEST_NAME))
+        self.backend.remove(path, recursive=True)
+
+    def delete(self, step: int, *, force: bool = False) -> None:
+        """Delete one step now; refuses protected steps unless ``force``."""
+        if not force and step in self.protected_steps():
+            raise CheckpointError(
+                f"step {step} is protected (newest committed or resumed-from); pass force=True to delete it"
+            )
+        self._delete_path(self._step_path(step))
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(
+        self, state: dict[str, Any], step: int | str | None = "latest", *, strict: bool = True, verify: bool = True
+    ) -> LoadResult:
+        """Load ``step`` (default: the newest committed one) into ``state`` in place."""
+        self.wait()
+        if step in ("latest", None):
+            resolved = self.latest_step()
+            if resolved is None:
+                raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+        elif isinstance(step, int) and not isinstance(step, bool):
+            resolved = step
+            if not self._is_committed(step):
+                if step in self.all_steps():
+                    from .errors import IncompleteCheckpointError
+
+                    raise IncompleteCheckpointError(f"step {step} under {self.root} was never committed")
+                raise CheckpointNotFoundError(f"no step {step} under {self.root} (committed: {self.steps()})")
+        else:
+            raise ValueError(f"step={step!r}: expected an int or 'latest'")
+        result = load_checkpoint(
+            state, self.url_of(resolved), backend=self.backend, strict=strict, verify=verify,
+            process_group=self.process_group, addons=self.addons, step=resolved,
+        )
+        self.resumed_from = resolved
+        return result
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until background saves finish; raise the first failure."""
+        for _, fut in list(self._in_flight):
+            fut.exception()
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Wait for background work, stop the threads, raise any pending failure."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            if self._deleter_thread is not None and self._deleter_thread.is_alive():
+                self._deleter.put(None)
+                self._deleter_thread.join(timeout=60)
+            self.backend.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not hide the original error behind a background one
+            try:
+                self.close()
+            except Exception as bg:
+                log.warning("while closing after an error: %s", bg)

@@ -1,0 +1,154 @@
+"""DCP planners with ckptio's safety rules.
+
+* Non-tensor values are JSON (:mod:`ckptio.serialization`), never pickle.
+* Plain (non-DTensor) values are saved once even when every rank holds them, as DCP does, but
+  only after checking that every rank holds the *same* value: DCP would silently keep one rank's
+  copy of per-rank state such as RNG. A difference is an error that says to use
+  :class:`ckptio.PerRank`.
+* Loads check keys, shapes and dtypes up front and report every offending key at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.tensor import DTensor
+
+from ._buffers import tensor_memoryview
+from .errors import CheckpointError, StateMismatchError
+from .serialization import decode_value, encode_value
+
+
+def _digest(obj: Any, where: str) -> str:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h = xxhash.xxh3_64(str((t.dtype, tuple(t.shape))).encode())
+        if t.numel():
+            h.update(tensor_memoryview(t))
+        return h.hexdigest()
+    return xxhash.xxh3_64(encode_value(obj, where)).hexdigest()
+
+
+class SafeSavePlanner(DefaultSavePlanner):
+    """:class:`DefaultSavePlanner` that writes JSON for objects and refuses silent per-rank dedup."""
+
+    def __init__(self, check_replicas: bool = True) -> None:
+        super().__init__(dedup_save_to_lowest_rank=True)
+        self._check_replicas = check_replicas
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        if not self._check_replicas or not torch.distributed.is_initialized():
+            return plan
+        digests: dict[str, str] = {}
+        for item in plan.items:
+            obj = self.lookup_object(item.index)
+            if isinstance(obj, DTensor):
+                continue
+            digests[item.index.fqn] = _digest(obj, item.index.fqn)
+        return dataclasses.replace(plan, planner_data=(plan.planner_data, digests))
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        if all_plans and isinstance(all_plans[0].planner_data, tuple):
+            seen: dict[str, tuple[int, str]] = {}
+            differing: list[str] = []
+            for rank, plan in enumerate(all_plans):
+                for fqn, d in plan.planner_data[1].items():
+                    if fqn in seen and seen[fqn][1] != d:
+                        differing.append(fqn)
+                    seen.setdefault(fqn, (rank, d))
+            if differing:
+                keys = ", ".join(sorted(set(differing))[:10])
+                raise CheckpointError(
+                    f"plain values differ across ranks and would be silently deduplicated: {keys}. "
+                    "Wrap per-rank state in ckptio.PerRank(...) (RNG: ckptio.RNGState()), or use DTensor."
+                )
+            all_plans = [dataclasses.replace(p, planner_data=p.planner_data[0]) for p in all_plans]
+        return super().create_global_plan(all_plans)
+
+    def transform_object(self, write_item: WriteItem, object: Any) -> Any:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(encode_value(object, write_item.index.fqn))
+        return object
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """:class:`DefaultLoadPlanner` that reads JSON objects and validates the state up front.
+
+    :param strict: missing keys (in the state but not the checkpoint) are an error; in non-strict
+        mode they are left untouched and reported in :attr:`missing`. Keys present in the
+        checkpoint but not in the state (:attr:`unexpected`) are an error only in strict mode.
+    """
+
+    def __init__(self, strict: bool = True) -> None:
+        super().__init__(allow_partial_load=True)
+        self.strict = strict
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        stored = self.metadata.state_dict_metadata
+        self.missing = sorted(k for k in self.state_dict if k not in stored)
+        self.unexpected = sorted(k for k in stored if k not in self.state_dict)
+        mismatched: list[str] = []
+        details: list[str] = []
+        for fqn, value in self.state_dict.items():
+            md = stored.get(fqn)
+            if md is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                if not isinstance(md, TensorStorageMetadata):
+                    mismatched.append(fqn)
+                    details.append(f"{fqn}: stored as a non-tensor value, state has a tensor")
+                    continue
+                if tuple(value.shape) != tuple(md.size) or value.dtype != md.properties.dtype:
+                    mismatched.append(fqn)
+                    details.append(
+                        f"{fqn}: checkpoint {md.properties.dtype}{list(md.size)} vs state {value.dtype}{list(value.shape)}"
+                    )
+            elif isinstance(md, TensorStorageMetadata):
+                # a tensor stored where the state holds a plain value: load it as a new tensor
+                continue
+            elif not isinstance(md, BytesStorageMetadata):  # pragma: no cover
+                mismatched.append(fqn)
+        if mismatched:
+            raise StateMismatchError(
+                "checkpoint does not match the state: " + "; ".join(details[:20]),
+                mismatched=mismatched,
+            )
+        if self.strict and (self.missing or self.unexpected):
+            parts = []
+            if self.missing:
+                parts.append(f"missing from checkpoint: {', '.join(self.missing[:20])}")
+            if self.unexpected:
+                parts.append(f"not in the state: {', '.join(self.unexpected[:20])}")
+            raise StateMismatchError(
+                "keys differ (pass strict=False to allow): " + "; ".join(parts),
+                missing=self.missing,
+                unexpected=self.unexpected,
+            )
+        # tensors stored where the state has None/plain values get fresh destinations
+        for fqn, value in list(self.state_dict.items()):
+            md = stored.get(fqn)
+            if isinstance(md, TensorStorageMetadata) and not isinstance(value, torch.Tensor):
+                fresh = torch.empty(md.size, dtype=md.properties.dtype)
+                self.state_dict[fqn] = fresh
+                set_element(self.original_state_dict, self.mappings[fqn], fresh)
+        return super().create_local_plan()
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = decode_value(value.getvalue(), fqn)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj

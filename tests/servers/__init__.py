@@ -1,0 +1,1 @@
+"""Real-server test infrastructure: moto, fake-gcs-server, Azurite, fault proxy."""
