@@ -39,8 +39,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check core backends plugins tests benchmarks examples
 
+SRC_PKGS := $(patsubst %/__init__.py,%,$(wildcard $(addsuffix /src/*/__init__.py,$(DISTS))))
+empty :=
+space := $(empty) $(empty)
+
 typecheck: setup
-	$(BIN)/mypy $(addsuffix /src,$(DISTS))
+	MYPYPATH=$(subst $(space),:,$(addsuffix /src,$(DISTS))) $(BIN)/mypy $(SRC_PKGS)
 
 unit: setup
 	$(BIN)/python -m pytest -q

@@ -35,8 +35,14 @@ def save(
     :param options: format options, e.g. ``thread_count``.
     """
     result, _ = save_checkpoint(
-        state, url, process_group=process_group, addons=AddonSet(addons), storage_options=storage_options,
-        user_metadata=metadata, overwrite=overwrite, **options,
+        state,
+        url,
+        process_group=process_group,
+        addons=AddonSet(addons),
+        storage_options=storage_options,
+        user_metadata=metadata,
+        overwrite=overwrite,
+        **options,
     )
     return result
 
@@ -59,8 +65,14 @@ def load(
     :param verify: check each chunk's checksum as it is read (on by default).
     """
     return load_checkpoint(
-        state, url, strict=strict, verify=verify, process_group=process_group, addons=AddonSet(addons),
-        storage_options=storage_options, **options,
+        state,
+        url,
+        strict=strict,
+        verify=verify,
+        process_group=process_group,
+        addons=AddonSet(addons),
+        storage_options=storage_options,
+        **options,
     )
 
 
@@ -94,6 +106,8 @@ def verify(url: str, *, storage_options: dict[str, Any] | None = None) -> int:
         p = backend.join(u.path, name)
         data = backend.read_bytes(p)
         if len(data) != info["size"] or xxhash.xxh3_64_hexdigest(data) != digest:
-            raise CorruptCheckpointError(f"checksum mismatch in {backend.url(p)}: the file is damaged", path=p)
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {backend.url(p)}: the file is damaged", path=p
+            )
         checked += len(data)
     return checked

@@ -130,11 +130,11 @@ def restore_state(state: dict[str, Any], expanded: dict[str, Any], rank: int) ->
         elif isinstance(value, PerRank):
             sub = loaded.get(f"rank{rank}") if isinstance(loaded, dict) else None
             if isinstance(value.value, Stateful):
-                value.value.load_state_dict(sub)
+                value.value.load_state_dict(sub or {})
             else:
                 value.value = sub
         elif isinstance(value, Stateful) and not isinstance(value, dict):
-            value.load_state_dict(loaded)
+            value.load_state_dict(loaded if isinstance(loaded, dict) else {})
         else:
             state[key] = loaded
 
@@ -172,9 +172,13 @@ def save_checkpoint(
     data_dir = staging_path(backend, final) if backend.commit_mode == "rename" else final
 
     def prepare() -> None:
-        existing = read_manifest(backend, final) if backend.exists(backend.join(final, MANIFEST_NAME)) else None
+        existing = (
+            read_manifest(backend, final) if backend.exists(backend.join(final, MANIFEST_NAME)) else None
+        )
         if existing is not None and not overwrite:
-            raise CheckpointError(f"{u} already holds a committed checkpoint (pass overwrite=True to replace it)")
+            raise CheckpointError(
+                f"{u} already holds a committed checkpoint (pass overwrite=True to replace it)"
+            )
         if backend.commit_mode == "rename":
             backend.remove(data_dir, recursive=True)
             backend.makedirs(data_dir)
@@ -188,8 +192,16 @@ def save_checkpoint(
 
     expanded = expand_state(state, rank)
     ctx = AddonContext(
-        op="save", url=u, backend=backend, path=final, write_path=data_dir, step=step, rank=rank,
-        world_size=world, process_group=pg, state=addon_state if addon_state is not None else state,
+        op="save",
+        url=u,
+        backend=backend,
+        path=final,
+        write_path=data_dir,
+        step=step,
+        rank=rank,
+        world_size=world,
+        process_group=pg,
+        state=addon_state if addon_state is not None else state,
         is_final=is_final,
     )
     addons.hook.on_save_start(ctx=ctx)
@@ -198,8 +210,13 @@ def save_checkpoint(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(expanded, storage_writer=writer, planner=SafeSavePlanner(), process_group=pg,
-                     no_dist=not _dist.active(pg))
+            dcp.save(
+                expanded,
+                storage_writer=writer,
+                planner=SafeSavePlanner(),
+                process_group=pg,
+                no_dist=not _dist.active(pg),
+            )
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
@@ -212,8 +229,13 @@ def save_checkpoint(
 
     def commit() -> Manifest:
         manifest = Manifest(
-            format=fmt.name, files={**writer.files, **artifacts}, format_metadata=writer.format_metadata,
-            world_size=world, step=step, metrics=dict(metrics or {}), addons=list(addons.names),
+            format=fmt.name,
+            files={**writer.files, **artifacts},
+            format_metadata=writer.format_metadata,
+            world_size=world,
+            step=step,
+            metrics=dict(metrics or {}),
+            addons=list(addons.names),
             user=dict(user_metadata or {}),
         )
         backend.write_bytes(backend.join(data_dir, MANIFEST_NAME), manifest.to_bytes())
@@ -238,14 +260,21 @@ def save_checkpoint(
         addons.hook.after_commit(ctx=ctx)
     total = manifest.total_bytes if manifest is not None else writer.bytes_written
     result = SaveResult(
-        url=str(u), step=step, bytes=total, seconds=time.perf_counter() - t0,
+        url=str(u),
+        step=step,
+        bytes=total,
+        seconds=time.perf_counter() - t0,
         timings={"prepare": t_prep - t0, "write": t_write - t_prep, "commit": t_commit - t_write},
         manifest=manifest,
     )
     if rank == 0:
         log.info(
             "saved %s: %.1f MB in %.2fs (%.2f GB/s; prepare %.2fs, write %.2fs, commit %.2fs)",
-            u, result.bytes / 1e6, result.seconds, result.gbps, *result.timings.values(),
+            u,
+            result.bytes / 1e6,
+            result.seconds,
+            result.gbps,
+            *result.timings.values(),
         )
     return result, ctx
 
@@ -255,8 +284,13 @@ def find_format(backend: Backend, u: URL, manifest: Manifest | None) -> Any:
     """The format of the checkpoint at ``u``: from its manifest, or detected for foreign ones."""
     if manifest is not None:
         if u.format and u.format != manifest.format:
-            log.warning("%s was written in format %r, not %r; loading it as %r", u, manifest.format, u.format,
-                        manifest.format)
+            log.warning(
+                "%s was written in format %r, not %r; loading it as %r",
+                u,
+                manifest.format,
+                u.format,
+                manifest.format,
+            )
         return get_format(manifest.format)
     candidates = [u.format] if u.format else [n for n in format_names() if n != "native"]
     for name in candidates:
@@ -296,8 +330,16 @@ def load_checkpoint(
     fmt = find_format(backend, u, manifest)
     expanded = expand_state(state, rank)
     ctx = AddonContext(
-        op="load", url=u, backend=backend, path=u.path, write_path=u.path, step=step if step is not None else (
-            manifest.step if manifest else None), rank=rank, world_size=world, process_group=pg, state=state,
+        op="load",
+        url=u,
+        backend=backend,
+        path=u.path,
+        write_path=u.path,
+        step=step if step is not None else (manifest.step if manifest else None),
+        rank=rank,
+        world_size=world,
+        process_group=pg,
+        state=state,
         manifest=manifest,
     )
     addons.hook.validate_load(ctx=ctx)
@@ -307,13 +349,20 @@ def load_checkpoint(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(expanded, storage_reader=reader, planner=planner, process_group=pg,
-                     no_dist=not _dist.active(pg))
+            dcp.load(
+                expanded,
+                storage_reader=reader,
+                planner=planner,
+                process_group=pg,
+                no_dist=not _dist.active(pg),
+            )
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:
         err = translate(exc, f"load from {u}")
-        if isinstance(exc, (OSError, ValueError)) and not isinstance(err, CheckpointError):  # pragma: no cover
+        if isinstance(exc, (OSError, ValueError)) and not isinstance(
+            err, CheckpointError
+        ):  # pragma: no cover
             err = CorruptCheckpointError(str(exc))
         raise err from exc
     addons.hook.restore_state_dict(ctx=ctx, state_dict=expanded)
@@ -321,8 +370,13 @@ def load_checkpoint(
     addons.hook.on_load_end(ctx=ctx)
     nbytes = int(getattr(reader, "bytes_read", 0))
     result = LoadResult(
-        url=str(u), step=ctx.step, bytes=nbytes, seconds=time.perf_counter() - t0,
-        missing=planner.missing, unexpected=planner.unexpected, manifest=manifest,
+        url=str(u),
+        step=ctx.step,
+        bytes=nbytes,
+        seconds=time.perf_counter() - t0,
+        missing=planner.missing,
+        unexpected=planner.unexpected,
+        manifest=manifest,
     )
     if rank == 0:
         log.info("loaded %s: %.1f MB in %.2fs (%.2f GB/s)", u, nbytes / 1e6, result.seconds, result.gbps)

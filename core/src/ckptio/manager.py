@@ -140,7 +140,9 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         """The newest committed step: the ``latest`` pointer when valid, else a scan."""
         try:
-            text = self.backend.read_bytes(self.backend.join(self.root.path, LATEST_NAME))[:64].decode().strip()
+            text = (
+                self.backend.read_bytes(self.backend.join(self.root.path, LATEST_NAME))[:64].decode().strip()
+            )
             m = _STEP_RE.match(text)
             if m and self._is_committed(int(m.group(1))):
                 pointed = int(m.group(1))
@@ -167,7 +169,9 @@ class CheckpointManager:
         for step, fut in done:
             exc = fut.exception()
             if exc is not None:
-                raise AsyncSaveError(f"background save of step {step} to {self.url_of(step)} failed: {exc}") from exc
+                raise AsyncSaveError(
+                    f"background save of step {step} to {self.url_of(step)} failed: {exc}"
+                ) from exc
 
     def _cleanup_partials(self, keep: set[int]) -> None:
         def clean() -> None:
@@ -179,7 +183,10 @@ class CheckpointManager:
                 step = int(m.group(1))
                 if name != base or not self._is_committed(step):
                     log.info("removing leftovers of an interrupted save: %s", name)
-                    self.backend.remove(self.backend.join(self.root.path, name), recursive=True)
+                    try:
+                        self.backend.remove(self.backend.join(self.root.path, name), recursive=True)
+                    except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
+                        log.warning("could not remove leftovers %s: %s", name, exc)
 
         _dist.on_coordinator(clean, self.process_group)
 
@@ -209,7 +216,11 @@ class CheckpointManager:
         # wait for a free slot (and its staging buffers)
         while True:
             with self._lock:
-                free = [i for i in range(self.max_in_flight) if i not in self._stager_busy or self._stager_busy[i].done()]
+                free = [
+                    i
+                    for i in range(self.max_in_flight)
+                    if i not in self._stager_busy or self._stager_busy[i].done()
+                ]
                 busy = [f for f in self._stager_busy.values() if not f.done()]
             if free:
                 break
@@ -223,7 +234,9 @@ class CheckpointManager:
         rank, _ = _dist.rank_and_size(self.process_group)
         staged = self._stagers[slot].stage(expand_state(state, rank))
         assert self._executor is not None
-        fut = self._executor.submit(self._save_now, step, staged, state, metrics, final, metadata, self._bg_group)
+        fut = self._executor.submit(
+            self._save_now, step, staged, state, metrics, final, metadata, self._bg_group
+        )
         with self._lock:
             self._stager_busy[slot] = fut
             self._in_flight.append((step, fut))
@@ -240,13 +253,24 @@ class CheckpointManager:
         pg: Any,
     ) -> SaveResult:
         result, _ = save_checkpoint(
-            state, self.url_of(step), backend=self.backend, process_group=pg, addons=self.addons, step=step,
-            metrics=metrics, user_metadata=metadata, is_final=final, addon_state=user_state, **self.save_options,
+            state,
+            self.url_of(step),
+            backend=self.backend,
+            process_group=pg,
+            addons=self.addons,
+            step=step,
+            metrics=metrics,
+            user_metadata=metadata,
+            is_final=final,
+            addon_state=user_state,
+            **self.save_options,
         )
         self._metrics_cache[step] = dict(metrics or {})
 
         def publish() -> None:
-            self.backend.write_bytes(self.backend.join(self.root.path, LATEST_NAME), (step_name(step) + "\n").encode())
+            self.backend.write_bytes(
+                self.backend.join(self.root.path, LATEST_NAME), (step_name(step) + "\n").encode()
+            )
             self._apply_retention()
 
         _dist.on_coordinator(publish, pg)
@@ -273,7 +297,9 @@ class CheckpointManager:
 
     def _delete_in_background(self, path: str) -> None:
         if self._deleter_thread is None or not self._deleter_thread.is_alive():
-            self._deleter_thread = threading.Thread(target=self._delete_loop, name="ckptio-retention", daemon=True)
+            self._deleter_thread = threading.Thread(
+                target=self._delete_loop, name="ckptio-retention", daemon=True
+            )
             self._deleter_thread.start()
         self._deleter.put(path)
 
@@ -285,7 +311,7 @@ class CheckpointManager:
                     return
                 self._delete_path(path)
             except Exception as exc:  # retention must never stop training
-                log.warning("retention could not delete %s: %s", self.backend.url(path), exc)
+                log.warning("retention could not delete %s: %s", self.backend.url(path or ""), exc)
             finally:
                 self._deleter.task_done()
 
@@ -304,7 +330,12 @@ class CheckpointManager:
 
     # -- load ---------------------------------------------------------------------------------
     def load(
-        self, state: dict[str, Any], step: int | str | None = "latest", *, strict: bool = True, verify: bool = True
+        self,
+        state: dict[str, Any],
+        step: int | str | None = "latest",
+        *,
+        strict: bool = True,
+        verify: bool = True,
     ) -> LoadResult:
         """Load ``step`` (default: the newest committed one) into ``state`` in place."""
         self.wait()
@@ -323,8 +354,14 @@ class CheckpointManager:
         else:
             raise ValueError(f"step={step!r}: expected an int or 'latest'")
         result = load_checkpoint(
-            state, self.url_of(resolved), backend=self.backend, strict=strict, verify=verify,
-            process_group=self.process_group, addons=self.addons, step=resolved,
+            state,
+            self.url_of(resolved),
+            backend=self.backend,
+            strict=strict,
+            verify=verify,
+            process_group=self.process_group,
+            addons=self.addons,
+            step=resolved,
         )
         self.resumed_from = resolved
         return result

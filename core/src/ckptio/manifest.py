@@ -64,7 +64,9 @@ class Manifest:
         except ValueError as exc:
             raise CorruptCheckpointError(f"{where}: manifest holds invalid numbers", path=where) from exc
         if checksum != "xxh3_64:" + xxhash.xxh3_64_hexdigest(text.encode()):
-            raise CorruptCheckpointError(f"{where}: manifest checksum mismatch (the file is damaged)", path=where)
+            raise CorruptCheckpointError(
+                f"{where}: manifest checksum mismatch (the file is damaged)", path=where
+            )
         if body.get("ckptio_manifest") != MANIFEST_VERSION:
             raise CorruptCheckpointError(
                 f"{where}: manifest version {body.get('ckptio_manifest')!r} is not supported by this ckptio",
@@ -80,7 +82,9 @@ class Manifest:
             try:
                 join_path("/x", name)
             except Exception as exc:
-                raise UnsafeCheckpointError(f"{where}: file name {name!r} escapes the checkpoint", path=where) from exc
+                raise UnsafeCheckpointError(
+                    f"{where}: file name {name!r} escapes the checkpoint", path=where
+                ) from exc
             size = info.get("size") if isinstance(info, dict) else None
             if not isinstance(size, int) or size < 0:
                 raise CorruptCheckpointError(f"{where}: bad size for {name!r}", path=where)

@@ -3,7 +3,8 @@
 Entry points of the ``ckptio`` group are loaded one at a time: a plugin that fails to import or
 to register is recorded (see ``ckptio plugins``) and reported as a warning, never fatal to the
 host. ``CKPTIO_PLUGINS`` (comma-separated entry-point names) allow-lists which installed plugins
-load; set it to the empty string to load none. Code that is not packaged registers at runtime
+load; set it to the empty string to load none (the core's built-in ``native`` format always
+loads). Code that is not packaged registers at runtime
 with :func:`register_backend`, :func:`register_format` and :func:`register_addon` (or with
 :func:`register_plugin` for a module or object of hook implementations): the same code path the
 entry points take.
@@ -93,7 +94,9 @@ class _Registry:
         self._lock = threading.RLock()
 
     # -- registration ---------------------------------------------------------------------
-    def add(self, kind: str, name: str, target: Any, plugin: str, priority: int = 0, clobber: bool = False) -> None:
+    def add(
+        self, kind: str, name: str, target: Any, plugin: str, priority: int = 0, clobber: bool = False
+    ) -> None:
         name = name.lower()
         table = self.entries[kind]
         old = table.get(name)
@@ -119,7 +122,12 @@ class _Registry:
                     def register(n: str, target: Any, priority: int = 0, *, _k: str = kind) -> None:
                         self.add(_k, n, target, name, priority)
 
-                    impl.function(register)
+                    try:
+                        impl.function(register)
+                    except Exception as exc:
+                        raise PluginError(
+                            f"plugin {name!r} failed in register_{kind}s: {type(exc).__name__}: {exc}"
+                        ) from exc
 
     # -- discovery ------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
@@ -144,7 +152,9 @@ class _Registry:
             )
             if ep.name in self.plugins and self.plugins[ep.name].module:
                 continue  # first installed distribution wins, as in pluggy
-            if allow is not None and ep.name not in allow:
+            # the core's own built-ins (the native format) are part of ckptio, not optional plugins
+            builtin = info.distribution == "ckptio"
+            if allow is not None and ep.name not in allow and not builtin:
                 info.skipped = True
                 self.plugins[ep.name] = info
                 continue
@@ -207,7 +217,9 @@ def get_format(name: str) -> Any:
     reg = _registry.resolve("format", name)
     if reg is None:
         known = ", ".join(sorted(_registry.entries["format"])) or "none"
-        raise FormatNotFoundError(f"no ckptio format named {name!r} (installed: {known}); {_hint('format', name)}")
+        raise FormatNotFoundError(
+            f"no ckptio format named {name!r} (installed: {known}); {_hint('format', name)}"
+        )
     fmt = _registry.materialize(reg)
     if isinstance(fmt, type):
         fmt = fmt()
@@ -224,7 +236,9 @@ def get_addon_factory(name: str) -> Any:
     reg = _registry.resolve("addon", name)
     if reg is None:
         known = ", ".join(sorted(_registry.entries["addon"])) or "none"
-        raise AddonNotFoundError(f"no ckptio addon named {name!r} (installed: {known}); {_hint('addon', name)}")
+        raise AddonNotFoundError(
+            f"no ckptio addon named {name!r} (installed: {known}); {_hint('addon', name)}"
+        )
     return _registry.materialize(reg)
 
 
@@ -249,7 +263,7 @@ def register_addon(name: str, factory: Any, *, clobber: bool = True) -> None:
 def register_plugin(obj: Any, name: str | None = None) -> None:
     """Register a module or object holding ``register_*`` hook implementations."""
     _registry.ensure_loaded()
-    _registry.register_plugin(obj, name or getattr(obj, "__name__", type(obj).__name__))
+    _registry.register_plugin(obj, name or str(getattr(obj, "__name__", type(obj).__name__)))
 
 
 def unregister(kind: str, name: str) -> None:

@@ -33,9 +33,11 @@ def _enc(obj: Any, where: str) -> Any:
         return [_enc(x, where) for x in obj]
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {_TAG: "dict", "v": {k: _enc(v, where) for k, v in obj.items()}} if _TAG in obj else {
-                k: _enc(v, where) for k, v in obj.items()
-            }
+            return (
+                {_TAG: "dict", "v": {k: _enc(v, where) for k, v in obj.items()}}
+                if _TAG in obj
+                else {k: _enc(v, where) for k, v in obj.items()}
+            )
         if all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in obj):
             return {_TAG: "kdict", "v": [[k, _enc(v, where)] for k, v in obj.items()]}
     if isinstance(obj, (bytes, bytearray)):
@@ -43,7 +45,9 @@ def _enc(obj: Any, where: str) -> Any:
     if isinstance(obj, torch.dtype):
         return {_TAG: "dtype", "v": str(obj).removeprefix("torch.")}
     if isinstance(obj, torch.Tensor):
-        raise StateMismatchError(f"tensor nested inside a non-tensor value at {where!r}; keep tensors in dicts")
+        raise StateMismatchError(
+            f"tensor nested inside a non-tensor value at {where!r}; keep tensors in dicts"
+        )
     raise StateMismatchError(
         f"cannot store the value at {where!r} safely: {type(obj).__name__} is not a tensor or JSON-like value. "
         "Convert it (e.g. to a dict of tensors/numbers/strings) or give it state_dict()/load_state_dict()."

@@ -37,7 +37,12 @@ class HostStager:
             seen.add(key)
             self.bytes_staged += buf.numel() * buf.element_size()
             return DTensor.from_local(
-                buf, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+                buf,
+                value.device_mesh,
+                value.placements,
+                run_check=False,
+                shape=value.shape,
+                stride=value.stride(),
             )
         if isinstance(value, torch.Tensor):
             buf = self._buffer(key, value)

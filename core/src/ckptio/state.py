@@ -62,7 +62,9 @@ class OptimizerState(Stateful):
         self.options = options
 
     def state_dict(self) -> dict[str, Any]:
-        sd: dict[str, Any] = {"optim": get_optimizer_state_dict(self.model, self.optimizer, options=self.options)}
+        sd: dict[str, Any] = {
+            "optim": get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        }
         if self.scheduler is not None:
             sd["scheduler"] = self.scheduler.state_dict()
         return sd

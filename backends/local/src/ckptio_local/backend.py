@@ -35,6 +35,12 @@ def _os_errors(path: str) -> Iterator[None]:
         raise StorageError(f"{path}: {exc.strerror or exc}") from exc
 
 
+def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
+    """``rmtree`` error handler: an entry someone else removed first is not an error."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
+
+
 class LocalBackend(Backend):
     """Files on a local or shared POSIX file system.
 
@@ -105,7 +111,8 @@ class LocalBackend(Backend):
         with _os_errors(path):
             if os.path.isdir(path) and not os.path.islink(path):
                 if recursive:
-                    shutil.rmtree(path, ignore_errors=False)
+                    # entries may vanish concurrently (retention and leftover cleanup both delete)
+                    shutil.rmtree(path, onerror=_ignore_missing)
                 else:
                     os.rmdir(path)
             else:
@@ -136,7 +143,8 @@ class LocalBackend(Backend):
                     n = os.preadv(fd, [out[done : min(total, done + (1 << 30))]], offset + done)
                     if n == 0:
                         raise CorruptCheckpointError(
-                            f"{path} is truncated: wanted {total} bytes at offset {offset}, got {done}", path=path
+                            f"{path} is truncated: wanted {total} bytes at offset {offset}, got {done}",
+                            path=path,
                         )
                     done += n
             finally:

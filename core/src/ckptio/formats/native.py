@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
-    MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
 )
@@ -176,7 +175,9 @@ def _int_list(x: Any, where: str) -> tuple[int, ...]:
     return tuple(x)
 
 
-def metadata_from_json(fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str) -> tuple[Metadata, dict]:
+def metadata_from_json(
+    fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str
+) -> tuple[Metadata, dict]:
     """Rebuild DCP ``Metadata`` and the chunk table, checking every number against the files."""
     try:
         dcp = fm["dcp"]
@@ -201,13 +202,21 @@ def metadata_from_json(fm: dict[str, Any], files: dict[str, dict[str, Any]], whe
             if not isinstance(c, list) or len(c) != 2:
                 raise CorruptCheckpointError(f"{where}: bad chunk for {fqn!r}")
             off, sz = _int_list(c[0], f"{where}: {fqn} offsets"), _int_list(c[1], f"{where}: {fqn} sizes")
-            if len(off) != len(size) or len(sz) != len(size) or any(o + s > d for o, s, d in zip(off, sz, size)):
-                raise CorruptCheckpointError(f"{where}: chunk {list(off)}+{list(sz)} is out of range for {fqn!r}{list(size)}")
+            if (
+                len(off) != len(size)
+                or len(sz) != len(size)
+                or any(o + s > d for o, s, d in zip(off, sz, size))
+            ):
+                raise CorruptCheckpointError(
+                    f"{where}: chunk {list(off)}+{list(sz)} is out of range for {fqn!r}{list(size)}"
+                )
             covered += math.prod(sz)
             chunks.append(ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(sz)))
         if covered != math.prod(size) or _overlap(chunks):
             raise CorruptCheckpointError(f"{where}: chunks of {fqn!r} overlap or do not cover the tensor")
-        sdm[fqn] = TensorStorageMetadata(properties=TensorProperties(dtype=dtype), size=torch.Size(size), chunks=chunks)
+        sdm[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtype), size=torch.Size(size), chunks=chunks
+        )
     entries: dict[tuple[str, tuple[int, ...] | None], _Entry] = {}
     for s in storage:
         try:
@@ -221,21 +230,33 @@ def metadata_from_json(fm: dict[str, Any], files: dict[str, dict[str, Any]], whe
         m = sdm.get(fqn)
         finfo = files.get(file)
         if m is None or finfo is None:
-            raise CorruptCheckpointError(f"{where}: storage entry for unknown tensor or file ({fqn!r}, {file!r})")
+            raise CorruptCheckpointError(
+                f"{where}: storage entry for unknown tensor or file ({fqn!r}, {file!r})"
+            )
         if pos < 0 or length < 0 or pos + length > finfo["size"]:
-            raise CorruptCheckpointError(f"{where}: {fqn!r} lies outside {file!r} ({pos}+{length} > {finfo['size']})")
+            raise CorruptCheckpointError(
+                f"{where}: {fqn!r} lies outside {file!r} ({pos}+{length} > {finfo['size']})"
+            )
         if isinstance(m, TensorStorageMetadata):
             chunk = next((c for c in m.chunks if tuple(c.offsets) == offsets), None)
             if chunk is None or length != math.prod(chunk.sizes) * m.properties.dtype.itemsize:
-                raise CorruptCheckpointError(f"{where}: stored length of {fqn!r} does not match its shape and dtype")
-            entry = _Entry(fqn, offsets, tuple(chunk.sizes), m.properties.dtype, file, pos, length, s.get("xxh3"))
+                raise CorruptCheckpointError(
+                    f"{where}: stored length of {fqn!r} does not match its shape and dtype"
+                )
+            entry = _Entry(
+                fqn, offsets, tuple(chunk.sizes), m.properties.dtype, file, pos, length, s.get("xxh3")
+            )
         else:
             if length > MAX_BYTES:
                 raise CorruptCheckpointError(f"{where}: value {fqn!r} is {length} bytes, refusing")
             entry = _Entry(fqn, None, None, None, file, pos, length, s.get("xxh3"))
         entries[(fqn, offsets)] = entry
     for fqn, m in sdm.items():
-        keys = [(fqn, tuple(c.offsets)) for c in m.chunks] if isinstance(m, TensorStorageMetadata) else [(fqn, None)]
+        keys = (
+            [(fqn, tuple(c.offsets)) for c in m.chunks]
+            if isinstance(m, TensorStorageMetadata)
+            else [(fqn, None)]
+        )
         if any(k not in entries for k in keys):
             raise CorruptCheckpointError(f"{where}: no stored data for {fqn!r}")
     pd = dcp.get("planner_data")
@@ -249,7 +270,10 @@ def _overlap(chunks: list[ChunkStorageMetadata]) -> bool:
         return False
     for i, a in enumerate(chunks):
         for b in chunks[i + 1 :]:
-            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+            if all(
+                ao < bo + bs and bo < ao + as_
+                for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)
+            ):
                 if all(s > 0 for s in a.sizes) and all(s > 0 for s in b.sizes):
                     return True
     return False
@@ -277,7 +301,9 @@ class NativeReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         return self.metadata
 
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
         return None
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
@@ -321,7 +347,9 @@ class NativeReader(StorageReader):
         if req.type == LoadItemType.BYTE_IO:
             data = self.backend.read_bytes(fpath, e.pos, e.length)
             if len(data) != e.length:
-                raise CorruptCheckpointError(f"{self.backend.url(fpath)} is truncated", path=self.backend.url(fpath))
+                raise CorruptCheckpointError(
+                    f"{self.backend.url(fpath)} is truncated", path=self.backend.url(fpath)
+                )
             self._check(e, data)
             with self._lock:
                 planner.load_bytes(req, io.BytesIO(data))
@@ -356,7 +384,9 @@ class NativeFormat(Format):
     def storage_writer(self, backend: Backend, path: str, **options: Any) -> NativeWriter:
         return NativeWriter(backend, path, **options)
 
-    def storage_reader(self, backend: Backend, path: str, manifest: Manifest | None, **options: Any) -> NativeReader:
+    def storage_reader(
+        self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
+    ) -> NativeReader:
         if manifest is None:
             raise CorruptCheckpointError(f"{backend.url(path)}: native checkpoints need their manifest")
         return NativeReader(backend, path, manifest, **options)
@@ -393,7 +423,14 @@ class NativeFormat(Format):
             m = md.state_dict_metadata[e.fqn]
             if isinstance(m, TensorStorageMetadata):
                 out.append(
-                    TensorEntry(e.fqn, dtype_name(m.properties.dtype), list(m.size), e.length, e.file, list(e.offsets or ()))
+                    TensorEntry(
+                        e.fqn,
+                        dtype_name(m.properties.dtype),
+                        list(m.size),
+                        e.length,
+                        e.file,
+                        list(e.offsets or ()),
+                    )
                 )
             else:
                 out.append(TensorEntry(e.fqn, "json", [], e.length, e.file))
