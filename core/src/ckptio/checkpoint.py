@@ -344,6 +344,8 @@ def load_checkpoint(
     )
     addons.hook.validate_load(ctx=ctx)
     addons.hook.transform_state_dict(ctx=ctx, state_dict=expanded)
+    if manifest is None:  # a foreign checkpoint: let the format see where the state wants its tensors
+        format_options.setdefault("state_keys", list(expanded))
     reader = fmt.storage_reader(backend, u.path, manifest, verify=verify, **format_options)
     planner = SafeLoadPlanner(strict=strict)
     try:
