@@ -47,7 +47,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 ALL_MODES = ("503", "drop_request", "drop_response")
 CONTROL_PREFIX = "/__proxy__/"
@@ -282,7 +282,7 @@ class _Handler(socketserver.BaseRequestHandler):
         state.count("connections")
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        rfile = sock.makefile("rb", buffering=IO_CHUNK)
+        rfile = cast(BinaryIO, sock.makefile("rb", buffering=IO_CHUNK))
         try:
             while True:
                 keep_open = self._one_request(sock, rfile, state)
@@ -346,7 +346,9 @@ class _Handler(socketserver.BaseRequestHandler):
             )
             return not client_close
 
-        return self._forward(sock, method, target, headers, body, state, client_close, mode == "drop_response")
+        return self._forward(
+            sock, method, target, headers, body, state, client_close, mode == "drop_response"
+        )
 
     def _drain_body(
         self, sock: socket.socket, rfile: BinaryIO, headers: list[tuple[str, str]], half: bool = False
@@ -372,7 +374,8 @@ class _Handler(socketserver.BaseRequestHandler):
         parsed = urllib.parse.urlsplit(target)
         cmd = parsed.path[len(CONTROL_PREFIX) :].strip("/")
         params = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
-        status, payload = 200, {}
+        status: int = 200
+        payload: dict[str, Any] = {}
         try:
             if cmd == "stats":
                 with state.lock:
@@ -524,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="fault probability per request, 0..1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma list from {ALL_MODES}")
-    ap.add_argument("--methods", default="", help="comma list of HTTP methods eligible for faults (empty = all)")
+    ap.add_argument(
+        "--methods", default="", help="comma list of HTTP methods eligible for faults (empty = all)"
+    )
     ap.add_argument("--parent-pid", type=int, default=0, help="exit when this process disappears")
     args = ap.parse_args(argv)
 
@@ -590,9 +595,11 @@ class FaultProxy:
             "--parent-pid",
             str(os.getpid()),
         ]
-        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         t0 = time.monotonic()
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL
+        )
         assert self.process.stdout is not None
         line = self.process.stdout.readline().decode().strip()  # blocks until LISTENING or exit
         if not line.startswith("LISTENING "):

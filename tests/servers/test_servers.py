@@ -5,11 +5,13 @@ from __future__ import annotations
 import http.client
 import os
 import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from .fault_proxy import FaultProxy
-from .fixtures import AzureServer, GCSServer, S3Server
+from .fixtures import AzureServer, GCSServer, MscConfig, S3Server
 
 MiB = 1024 * 1024
 
@@ -77,7 +79,9 @@ def test_fresh_s3_server_stop_and_restart(fresh_s3_server: S3Server) -> None:
 # ---------------------------------------------------------------------------------------- fault proxy
 
 
-def test_fault_proxy_forwards_chunked_and_keepalive(s3_server: S3Server, s3_bucket: str, fault_proxy: FaultProxy) -> None:
+def test_fault_proxy_forwards_chunked_and_keepalive(
+    s3_server: S3Server, s3_bucket: str, fault_proxy: FaultProxy
+) -> None:
     """Raw HTTP/1.1 through the proxy: a chunked PUT and several requests on one kept-alive connection."""
     import boto3
 
@@ -116,7 +120,9 @@ def test_fault_proxy_forwards_chunked_and_keepalive(s3_server: S3Server, s3_buck
     assert stats["connections"] >= 1 and stats["forwarded"] == 7 and stats["faults"] == 0
 
 
-def test_fault_proxy_each_mode_with_boto3(s3_server: S3Server, s3_bucket: str, fault_proxy: FaultProxy) -> None:
+def test_fault_proxy_each_mode_with_boto3(
+    s3_server: S3Server, s3_bucket: str, fault_proxy: FaultProxy
+) -> None:
     import boto3
     import botocore.config
     import botocore.exceptions
@@ -129,7 +135,7 @@ def test_fault_proxy_each_mode_with_boto3(s3_server: S3Server, s3_bucket: str, f
         region_name=s3_server.region,
         config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"}),
     )
-    body = b"v" * 1000
+    body = _payload(2 * MiB + 3)  # > 1 MiB: botocore sends "Expect: 100-continue"
     for i, mode in enumerate(["503", "drop_request", "drop_response"]):
         fault_proxy.configure(fail_next=1, modes=[mode])
         client.put_object(Bucket=s3_bucket, Key=f"k{i}", Body=body)  # retried by botocore
@@ -145,7 +151,9 @@ def test_fault_proxy_each_mode_with_boto3(s3_server: S3Server, s3_bucket: str, f
     assert fault_proxy.faults_injected == 6
 
 
-def test_fault_proxy_s3fs_retries_succeed(s3_server: S3Server, s3_bucket: str, fault_proxy: FaultProxy) -> None:
+def test_fault_proxy_s3fs_retries_succeed(
+    s3_server: S3Server, s3_bucket: str, fault_proxy: FaultProxy
+) -> None:
     import s3fs
 
     fault_proxy.configure(seed=1234)
@@ -214,7 +222,9 @@ def test_azure_adlfs_roundtrip(azure_server: AzureServer, azure_container: str) 
 # ----------------------------------------------------------------------------------------------- MSC
 
 
-def test_msc_s3_and_local_profiles(msc_config, s3_bucket: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_msc_s3_and_local_profiles(
+    msc_config: Callable[..., MscConfig], s3_bucket: str, tmp_path: Path
+) -> None:
     import multistorageclient as msc
 
     cfg = msc_config(s3_bucket=s3_bucket, local_dir=tmp_path / "local")
@@ -231,3 +241,48 @@ def test_msc_s3_and_local_profiles(msc_config, s3_bucket: str, tmp_path) -> None
         assert names == ["a.txt", "b.bin"], names
         msc.delete(url)
     assert (tmp_path / "local" / "smoke" / "b.bin").stat().st_size == 1000
+
+
+def test_msc_gcs_and_azure_profiles(
+    msc_config: Callable[..., MscConfig], gcs_bucket: str, azure_container: str
+) -> None:
+    import multistorageclient as msc
+
+    cfg = msc_config(gcs_bucket=gcs_bucket, azure_container=azure_container)
+    data = _payload(3 * MiB)
+    for profile in ("gcs", "azure"):
+        url = cfg.url(profile, "smoke", "obj.bin")
+        msc.write(url, data)
+        with msc.open(url, "rb") as f:
+            assert f.read() == data
+        with msc.open(cfg.url(profile, "smoke", "f.bin"), "wb") as f:
+            f.write(data)
+        with msc.open(cfg.url(profile, "smoke", "f.bin"), "rb") as f:
+            assert f.read() == data
+        assert sorted(os.path.basename(m.key) for m in msc.list(cfg.url(profile, "smoke/"))) == [
+            "f.bin",
+            "obj.bin",
+        ]
+
+
+def test_msc_s3_through_fault_proxy(
+    msc_config: Callable[..., MscConfig], s3_bucket: str, fault_proxy: FaultProxy
+) -> None:
+    import multistorageclient as msc
+
+    cfg = msc_config(
+        s3_bucket=s3_bucket,
+        s3_endpoint_url=fault_proxy.endpoint_url,
+        s3_options={"retries": {"max_attempts": 10, "mode": "standard"}},
+        retry={"attempts": 5, "delay": 0.05, "backoff_multiplier": 1.0},
+    )
+    blobs = {cfg.url("s3", f"obj{i:02d}"): _payload(32 * 1024 + i, seed=i) for i in range(3)}
+    # Deterministic faults: botocore's jittered exponential backoff makes random high-rate runs slow.
+    for n, (url, data) in enumerate(blobs.items()):
+        fault_proxy.fail_next(1, modes=["503", "drop_request", "drop_response"][n % 3 : n % 3 + 1])
+        msc.write(url, data)
+    for n, (url, data) in enumerate(blobs.items()):
+        fault_proxy.fail_next(1, modes=["503", "drop_request"][n % 2 : n % 2 + 1])
+        with msc.open(url, "rb") as f:
+            assert f.read() == data
+    assert fault_proxy.faults_injected == 2 * len(blobs)
