@@ -50,9 +50,9 @@ class SafeSavePlanner(DefaultSavePlanner):
             return plan
         digests: dict[str, str] = {}
         for item in plan.items:
+            if item.type == WriteItemType.SHARD or isinstance(self.state_dict.get(item.index.fqn), DTensor):
+                continue  # lookup_object returns a DTensor's local shard, which differs per rank by design
             obj = self.lookup_object(item.index)
-            if isinstance(obj, DTensor):
-                continue
             digests[item.index.fqn] = _digest(obj, item.index.fqn)
         return dataclasses.replace(plan, planner_data=(plan.planner_data, digests))
 
