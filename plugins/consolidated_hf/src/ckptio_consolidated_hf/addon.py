@@ -1,0 +1,295 @@
+"""The ``consolidated-hf`` addon: a ``from_pretrained``-ready copy of the model inside the step.
+
+After the checkpoint is committed (``after_commit``: off the critical path, and in the
+background thread when the manager saves asynchronously), this writes ``<step>/consolidated/``:
+``config.json``, ``generation_config.json``, the tokenizer files (``tokenizer=``), and the weights
+as ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``, loadable with
+``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+
+Where the weights come from (``source``):
+
+* ``"memory"``: the state dict captured at save time (the live tensors for a synchronous save, the
+  host-staged copy for an asynchronous one, which the manager keeps until ``after_commit`` is done),
+  written by rank 0 through ``ckptio_safetensors.write_hf_checkpoint``. DTensor shards are gathered
+  over ckptio's process group first, so rank 0 holds the whole model once.
+* ``"checkpoint"``: the committed checkpoint is read back by ``ckptio_safetensors``' consolidator,
+  which assembles one tensor at a time and splits the files across ranks, so memory stays bounded
+  whatever the model size.
+* ``"auto"`` (default): ``memory`` unless the state holds DTensors (FSDP2/TP), then ``checkpoint``.
+
+Atomicity: the directory is assembled under ``<step>/.consolidated.ckptio-partial`` and renamed into
+place on ``rename`` backends; on ``marker`` backends (object stores) the metadata goes first and
+the index is written last, so a directory without ``model.safetensors.index.json`` is incomplete.
+Being inside the step directory, it is deleted with the step by retention.
+
+Options: ``mode`` (``"every"``, ``"final"`` (default: only the save with ``final=True``), ``"off"``),
+``model``/``key`` (default: the ``ckptio.ModelState`` in the state), ``config``,
+``generation_config``, ``tokenizer``, ``base_model_path`` (an HF directory, any URL: original
+per-tensor dtypes are restored from its headers and, with ``mirror_shards``, its file layout is
+reused), ``max_shard_size`` (``"5GB"``), ``cast_dtype``, ``subdir`` (``"consolidated"``),
+``source``, ``storage_options`` (for reading ``base_model_path``/the checkpoint by URL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+from ckptio import _dist
+from ckptio.addons import AddonContext, addon_hook
+from ckptio.backend import Backend
+from ckptio.checkpoint import open_backend, staging_path
+from ckptio.errors import CheckpointError
+from ckptio.gather import full_tensor
+from ckptio.state import ModelState
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger("ckptio.consolidated_hf")
+
+MODES = ("every", "final", "off")
+SOURCES = ("auto", "memory", "checkpoint")
+INDEX_NAME = "model.safetensors.index.json"
+_SCRATCH = "consolidated_hf"
+
+
+def _normalize_mode(mode: Any) -> str:
+    if mode is True:
+        return "every"
+    if mode is False or mode is None:
+        return "off"
+    m = str(mode).lower()
+    if m not in MODES:
+        raise ValueError(f"consolidated-hf: mode={mode!r}; expected one of {MODES}")
+    return m
+
+
+def pretrained_files(obj: Any) -> dict[str, bytes]:
+    """The files ``obj.save_pretrained`` writes (config, generation config, tokenizer), by name."""
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="ckptio-hf-") as tmp:
+        obj.save_pretrained(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                with open(full, "rb") as f:
+                    out[os.path.relpath(full, tmp).replace(os.sep, "/")] = f.read()
+    return out
+
+
+def _read_header_dtypes(backend: Backend, path: str) -> dict[str, torch.dtype]:
+    """Per-tensor dtypes from one safetensors file's header (8-byte length, then JSON)."""
+    from ckptio_safetensors._header import CODE_TO_DTYPE
+
+    (n,) = torch.frombuffer(bytearray(backend.read_bytes(path, 0, 8)), dtype=torch.int64).tolist()
+    header = json.loads(backend.read_bytes(path, 8, n))
+    return {
+        k: CODE_TO_DTYPE[v["dtype"]]
+        for k, v in header.items()
+        if k != "__metadata__" and v["dtype"] in CODE_TO_DTYPE
+    }
+
+
+def reference_layout(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.dtype], dict[str, Any] | None]:
+    """Original dtypes and (if sharded) the index of the base HF model directory at ``url``."""
+    u, backend = open_backend(url, storage_options)
+    ipath = backend.join(u.path, INDEX_NAME)
+    index: dict[str, Any] | None = None
+    if backend.exists(ipath):
+        index = json.loads(backend.read_bytes(ipath))
+        files = sorted(set(index["weight_map"].values()))  # type: ignore[index]
+    elif backend.exists(backend.join(u.path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"consolidated-hf: base_model_path {url} has no model.safetensors(.index.json)")
+    dtypes: dict[str, torch.dtype] = {}
+    for f in files:
+        dtypes.update(_read_header_dtypes(backend, backend.join(u.path, f)))
+    return dtypes, index
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied ``lm_head``);
+    HF files store such a weight once, like ``save_pretrained``."""
+    unique = {n for n, _ in model.named_parameters()}
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
+
+
+class ConsolidatedHFAddon:
+    """Exports the model as a Hugging Face directory after the commit (see the module docstring)."""
+
+    name = "consolidated-hf"
+
+    def __init__(
+        self,
+        mode: str | bool = "final",
+        *,
+        model: torch.nn.Module | None = None,
+        key: str | None = None,
+        config: Any = None,
+        generation_config: Any = None,
+        tokenizer: Any = None,
+        base_model_path: str | None = None,
+        mirror_shards: bool = True,
+        max_shard_size: int | str = "5GB",
+        cast_dtype: str | torch.dtype | None = None,
+        subdir: str = "consolidated",
+        source: str = "auto",
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.mode = _normalize_mode(mode)
+        if source not in SOURCES:
+            raise ValueError(f"consolidated-hf: source={source!r}; expected one of {SOURCES}")
+        self.model, self.key = model, key
+        self.config, self.generation_config, self.tokenizer = config, generation_config, tokenizer
+        self.base_model_path, self.mirror_shards = base_model_path, mirror_shards
+        self.max_shard_size, self.cast_dtype = max_shard_size, cast_dtype
+        self.subdir = subdir.strip("/")
+        self.source = source
+        self.storage_options = storage_options
+
+    def wanted(self, ctx: AddonContext) -> bool:
+        return self.mode == "every" or (self.mode == "final" and ctx.is_final)
+
+    def _find(self, state: dict[str, Any]) -> tuple[str, torch.nn.Module | None]:
+        if self.key is not None:
+            v = state.get(self.key)
+            return self.key, self.model or (v.model if isinstance(v, ModelState) else None)
+        found = [(k, v.model) for k, v in state.items() if isinstance(v, ModelState)]
+        if self.model is not None:
+            found = [(k, m) for k, m in found if m is self.model] or found
+        if len(found) != 1:
+            raise CheckpointError(
+                f"consolidated-hf: cannot tell which state entry is the model ({[k for k, _ in found]}); "
+                "pass ('consolidated-hf', {'key': 'model'})"
+            )
+        return found[0]
+
+    # -- hooks ---------------------------------------------------------------------------------
+    @addon_hook(tryfirst=True)  # capture the in-memory names before other addons rename them
+    def transform_state_dict(self, ctx: AddonContext, state_dict: dict[str, Any]) -> None:
+        if ctx.op != "save" or not self.wanted(ctx):
+            return
+        key, model = self._find(ctx.state)
+        entry = state_dict.get(key)
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"consolidated-hf: state entry {key!r} is not a model state dict")
+        if model is not None and isinstance(getattr(model, "peft_config", None), dict):
+            raise CheckpointError(
+                "consolidated-hf exports plain transformers models; for a PEFT model use the 'peft' addon, or "
+                "export model.merge_and_unload()"
+            )
+        drop = tied_aliases(model) if model is not None else set()
+        tensors = {k: v for k, v in entry.items() if isinstance(v, torch.Tensor) and k not in drop}
+        ctx.scratch[_SCRATCH] = {"key": key, "model": model, "tensors": tensors}
+
+    def after_commit(self, ctx: AddonContext) -> None:
+        job = ctx.scratch.pop(_SCRATCH, None)
+        if job is None:
+            return
+        backend, pg = ctx.backend, ctx.process_group
+        final = backend.join(ctx.path, self.subdir)
+        work = staging_path(backend, final) if backend.commit_mode == "rename" else final
+        tensors: dict[str, torch.Tensor] = job["tensors"]
+        sharded = any(isinstance(t, DTensor) for t in tensors.values())
+        source = self.source if self.source != "auto" else ("checkpoint" if sharded else "memory")
+
+        def prepare() -> tuple[dict[str, torch.dtype] | None, dict[str, Any] | None]:
+            if backend.commit_mode == "rename":
+                backend.remove(work, recursive=True)
+            else:
+                backend.remove(backend.join(final, INDEX_NAME))  # incomplete from here on
+            backend.makedirs(work)
+            for name, data in self._metadata_files(job["model"]).items():
+                backend.write_bytes(backend.join(work, name), data)
+            if self.base_model_path is None:
+                return None, None
+            dtypes, index = reference_layout(self.base_model_path, self.storage_options)
+            return dtypes, (index if self.mirror_shards else None)
+
+        dtypes, ref_index = _dist.on_coordinator(prepare, pg, share_result=True) or (None, None)
+        if source == "checkpoint":
+            self._from_checkpoint(ctx, job["key"], work, ref_index)
+        else:
+            self._from_memory(ctx, tensors, work, dtypes, ref_index)
+
+        def publish() -> None:
+            if work != final:
+                backend.remove(final, recursive=True)
+                backend.rename(work, final)
+                backend.fsync_dir(ctx.path)
+            log.info("consolidated-hf: wrote %s", backend.url(final))
+
+        _dist.on_coordinator(publish, pg)
+
+    # -- parts ---------------------------------------------------------------------------------
+    def _metadata_files(self, model: torch.nn.Module | None) -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        config = self.config if self.config is not None else getattr(model, "config", None)
+        if config is None:
+            raise CheckpointError(
+                "consolidated-hf: no config.json to write; pass config= (a transformers PretrainedConfig)"
+            )
+        files.update(pretrained_files(config))
+        gen = (
+            self.generation_config
+            if self.generation_config is not None
+            else getattr(model, "generation_config", None)
+        )
+        if gen is not None:
+            files.update(pretrained_files(gen))
+        if self.tokenizer is not None:
+            files.update(pretrained_files(self.tokenizer))
+        return files
+
+    def _from_memory(
+        self,
+        ctx: AddonContext,
+        tensors: dict[str, torch.Tensor],
+        work: str,
+        dtypes: dict[str, torch.dtype] | None,
+        ref_index: dict[str, Any] | None,
+    ) -> None:
+        from ckptio_safetensors import write_hf_checkpoint
+
+        full: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():  # same order on every rank: the gathers pair up
+            whole = full_tensor(t, ctx.process_group)
+            if ctx.is_coordinator:
+                full[name] = whole
+
+        def write() -> None:
+            write_hf_checkpoint(
+                full,
+                ctx.backend,
+                work,
+                max_shard_size=self.max_shard_size,
+                dtypes=dtypes,
+                cast_dtype=self.cast_dtype,
+                reference_index=ref_index,
+            )
+
+        _dist.on_coordinator(write, ctx.process_group)
+
+    def _from_checkpoint(
+        self, ctx: AddonContext, key: str, work: str, ref_index: dict[str, Any] | None
+    ) -> None:
+        from ckptio_safetensors.consolidate import consolidate
+
+        consolidate(
+            ctx.backend.url(ctx.path),
+            ctx.backend.url(work),
+            max_shard_size=self.max_shard_size,
+            reference_index=ref_index,
+            dtype_reference=self.base_model_path,
+            cast_dtype=self.cast_dtype,
+            process_group=ctx.process_group,
+            progress=False,
+            group=key,
+            storage_options=self.storage_options,
+        )

@@ -1,0 +1,34 @@
+"""ckptio-peft: save PEFT adapters (LoRA, DoRA) through ckptio in HF PEFT's format, and load them back.
+
+Save::
+
+    mgr = ckptio.CheckpointManager("ckpts", addons=[("peft", {"tokenizer": tok})])
+    mgr.save(step, {"model": ckptio.ModelState(peft_model), "optim": ckptio.OptimizerState(peft_model, opt)})
+    # ckpts/step_00000100/ now loads with peft.PeftModel.from_pretrained(base_model, that_dir)
+
+Load an adapter written by ckptio or by ``save_pretrained``, from any backend::
+
+    ckptio_peft.load_adapter(peft_model, "s3://bucket/run/step_00000100")
+"""
+
+from .adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterLoadResult,
+    adapter_names,
+    load_adapter,
+    peft_config_json,
+    read_adapter,
+)
+from .addon import PeftAddon
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterLoadResult",
+    "PeftAddon",
+    "adapter_names",
+    "load_adapter",
+    "peft_config_json",
+    "read_adapter",
+]
