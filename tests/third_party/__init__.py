@@ -1,0 +1,1 @@
+"""Tests: third_party."""
