@@ -125,6 +125,14 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    """A short comma list for tables (``--json`` has them all)."""
+    if not names:
+        return "-"
+    shown = ",".join(names[:limit])
+    return shown + (f",... (+{len(names) - limit})" if len(names) > limit else "")
+
+
 def _metrics_text(metrics: dict[str, Any]) -> str:
     return " ".join(
         f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())
@@ -245,9 +253,9 @@ def cmd_plugins(args: argparse.Namespace, ctx: Ctx) -> int:
                     r["name"],
                     r["distribution"] or "-",
                     r["version"] or "-",
-                    ",".join(r["backends"]) or "-",
-                    ",".join(r["formats"]) or "-",
-                    ",".join(r["addons"]) or "-",
+                    _names(r["backends"]),
+                    _names(r["formats"]),
+                    _names(r["addons"]),
                     r["status"],
                 ]
                 for r in rows
@@ -627,6 +635,8 @@ def copy_convert(
         data_files = {e.file for e in loc.fmt.tensors(loc.backend, loc.url.path, loc.manifest)}
         if data_files:
             for name in sorted(set(loc.manifest.files) - data_files):
+                if name.endswith(".index.json"):  # describes data files; the new format writes its own
+                    continue
                 artifacts[name] = loc.backend.read_bytes(loc.backend.join(loc.url.path, name))
         elif loc.manifest.files:
             ctx.note(
@@ -774,6 +784,8 @@ def _demo_module() -> Any:
 
 def cmd_consolidate(args: argparse.Namespace, ctx: Ctx) -> int:
     mod = getattr(args, "_module", None) or _consolidate_module()
+    # hand the parsed backend options over (the plugin's own parser has no storage options)
+    args.storage_options = ctx.storage_options or None
     return int(mod.run_consolidate(args))
 
 
