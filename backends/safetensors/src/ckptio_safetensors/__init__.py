@@ -1,12 +1,58 @@
 """ckptio-safetensors: Hugging Face safetensors as a ckptio format.
 
 Use it with a ``safetensors+`` URL prefix (``safetensors+file:///ckpt``, ``safetensors+s3://b/run``,
-``safetensors+msc://profile/run``); loads detect the format from the manifest, so a plain URL loads
-it back. Every file goes through the backend's file API, so the format works on every backend.
+``safetensors+msc://profile/run``); loads find the format in the manifest, so a plain URL loads it
+back. Every byte goes through the backend's file API (streaming ``open_write``, ranged
+``read_into``), so the format works on every backend.
+
+Layout of a checkpoint saved from ``{"model": ModelState(m), "optim": OptimizerState(m, o),
+"step": 10, "w": tensor}`` by N ranks::
+
+    manifest.json                     ckptio commit record: DCP metadata as JSON, per-chunk
+                                      file/position/length/xxh3-64 (written last)
+    model/rank00000-00.safetensors    rank 0's chunks of the model, named by the model's own FQNs
+    model/rank00001-00.safetensors    (model.layers.0.self_attn.q_proj.weight ...); -01, -02...
+                                      when a rank writes big groups with several threads
+    model/model.safetensors.index.json  only when every tensor of the group is stored whole
+                                      (e.g. one rank): then model/ is a plain HF directory
+    optim/rank0000r-00.safetensors    each top-level dict/Stateful entry is its own directory,
+                                      names are the rest of its dotted path (optim.state.<fqn>.exp_avg)
+    rank0000r-00.safetensors          top-level tensors (a flat dict of tensors is stored as is)
+    values-rank0000r.json             non-tensor values, ``{fqn: value}`` in ckptio's JSON encoding
+
+Every ``.safetensors`` file is complete and valid on its own (``safetensors.torch.load_file``
+reads it); its ``__metadata__`` holds ``format: pt``, ``ckptio_sharding`` (JSON: each tensor's
+global shape and the offsets of this chunk in it) and torch's ``DCP_SHARDING_INFO``, so torch's
+HF reader and consolidator understand it too. Every DTensor shard of every rank is written (torch's
+HF writer keeps one rank's by default); replicated plain tensors are written once.
+
+Loads reshard to any world size through DCP's planner; destinations are filled by ranged reads
+(only the rows needed when resharding without verification). A directory written by
+``save_pretrained`` (``model.safetensors`` or sharded with ``model.safetensors.index.json``) has
+no manifest and is detected; its tensors go under the state's single top-level entry
+(``{"model": ModelState(m)}``) or at the top level (a flat dict), or under ``prefix=``, with an
+optional ``key_mapping={regex: replacement}`` (first match wins).
+
+:func:`consolidate` turns any of these into ``model-0000i-of-0000N.safetensors`` + index for
+``from_pretrained``; :func:`write_hf_checkpoint` writes full tensors in that layout.
 """
 
 from __future__ import annotations
 
-from .hf import INDEX_NAME, write_hf_checkpoint
+from .cli import add_consolidate_arguments, main_consolidate, run_consolidate
+from .consolidate import consolidate, reference_dtypes
+from .format import SafetensorsFormat
+from .hf import INDEX_NAME, parse_cast, parse_size, write_hf_checkpoint
 
-__all__ = ["INDEX_NAME", "write_hf_checkpoint"]
+__all__ = [
+    "INDEX_NAME",
+    "SafetensorsFormat",
+    "add_consolidate_arguments",
+    "consolidate",
+    "main_consolidate",
+    "parse_cast",
+    "parse_size",
+    "reference_dtypes",
+    "run_consolidate",
+    "write_hf_checkpoint",
+]

@@ -1,0 +1,361 @@
+"""Consolidation: a sharded checkpoint -> one HF directory that ``from_pretrained`` loads.
+
+Sources: a ckptio ``safetensors`` or ``native`` checkpoint (its manifest says where every chunk
+of every tensor lies) or a manifest-less safetensors directory (torch's HF writer with
+``DCP_SHARDING_INFO``, or a plain HF directory to re-shard or cast).
+
+How it stays fast and small:
+
+* Each full tensor is assembled by ranged reads straight into its place in one buffer (a chunk
+  that is a band of rows lands in place with no copy; others go through a chunk-sized temporary),
+  checksums are checked on the way, and the tensor is streamed out right after the header. At most
+  ``workers`` tensors are in flight, so memory is about one tensor per worker whatever the model
+  size; reads for the next tensors overlap the write of the current one.
+* Every dtype works (torch's consolidator computes element sizes with ``finfo`` and crashes on
+  integer tensors); casts touch ordinary float tensors only.
+* Output appears atomically: files are written to a staging directory that is renamed into place
+  (``rename`` backends) or the index is written last (``marker`` backends); a failed run never
+  leaves a directory that looks complete.
+* With a ``process_group`` each rank writes every ``world_size``-th output file; the coordinator
+  writes the index once every rank has finished.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+from ckptio import _dist
+from ckptio._buffers import tensor_memoryview
+from ckptio.backend import Backend
+from ckptio.checkpoint import open_backend, read_manifest, staging_path
+from ckptio.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckptio.formats.native import _Entry, metadata_from_json
+from ckptio.url import parse_url
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from ._header import HeaderEntry, encode_header, layout, read_header, stream_tensors
+from .format import foreign_metadata, hf_files
+from .hf import (
+    HF_METADATA,
+    INDEX_NAME,
+    index_bytes,
+    index_dict,
+    make_plan,
+    parse_cast,
+    target_dtype,
+)
+
+
+@dataclass
+class SourceTensor:
+    """A tensor of the source: global metadata and the stored chunks that make it up."""
+
+    meta: TensorStorageMetadata
+    chunks: list[_Entry]
+
+
+@dataclass
+class Source:
+    backend: Backend
+    path: str
+    tensors: dict[str, SourceTensor]
+
+
+def _open_source(url: str, group: str | None, storage_options: dict[str, Any] | None) -> Source:
+    u, backend = open_backend(url, storage_options)
+    manifest = read_manifest(backend, u.path)
+    if manifest is None:
+        if not backend.listdir(u.path):
+            raise CheckpointNotFoundError(f"no checkpoint at {u}")
+        md, entries = foreign_metadata(backend, u.path)
+        names = {fqn: fqn for fqn in md.state_dict_metadata}
+    elif manifest.format in ("safetensors", "native"):
+        md, entries = metadata_from_json(manifest.format_metadata, manifest.files, backend.url(u.path))
+        names = _select_group(manifest, md, group)
+    else:
+        raise CheckpointError(
+            f"{u} is a {manifest.format!r} checkpoint; consolidation reads safetensors or native ones"
+        )
+    by_fqn: dict[str, list[_Entry]] = collections.defaultdict(list)
+    for e in entries.values():
+        by_fqn[e.fqn].append(e)
+    tensors = {}
+    for fqn, out_name in names.items():
+        m = md.state_dict_metadata[fqn]
+        if isinstance(m, TensorStorageMetadata):
+            tensors[out_name] = SourceTensor(m, by_fqn[fqn])
+    if not tensors:
+        raise CheckpointError(f"{u} holds no tensors{f' in group {group!r}' if group else ''} to consolidate")
+    return Source(backend, u.path, tensors)
+
+
+def _select_group(manifest: Any, md: Any, group: str | None) -> dict[str, str]:
+    """``{stored fqn: output name}`` for the tensors of one top-level state entry (``model`` by
+    default when there is one, else the top-level tensors), with that entry's key removed."""
+    fm = manifest.format_metadata
+    if isinstance(fm.get("names"), dict):  # safetensors: the writer recorded (group, name) per fqn
+        pairs = {fqn: tuple(gn) for fqn, gn in fm["names"].items()}
+    else:  # native: flattened keys, the first component is the top-level state key
+        pairs = {fqn: tuple(fqn.split(".", 1)) if "." in fqn else ("", fqn) for fqn in md.state_dict_metadata}
+    groups = {g for g, _ in pairs.values()}
+    if group is None:
+        group = "model" if "model" in groups else ("" if "" in groups else None)
+        if group is None:
+            raise CheckpointError(
+                f"choose what to consolidate with group=...; the checkpoint holds {sorted(groups)}"
+            )
+    selected = {fqn: name for fqn, (g, name) in pairs.items() if g == group}
+    if not selected:
+        raise CheckpointError(f"no tensors under {group!r}; the checkpoint holds {sorted(groups)}")
+    return selected
+
+
+def _read_json(url: str, storage_options: dict[str, Any] | None, default_name: str) -> Any:
+    u, backend = open_backend(url, storage_options)
+    path = u.path
+    if not path.endswith(".json"):
+        path = backend.join(path, default_name)
+    try:
+        return json.loads(backend.read_bytes(path))
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{backend.url(path)} is not valid JSON ({exc})") from exc
+
+
+def reference_dtypes(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.dtype]:
+    """Per-tensor dtypes from the safetensors headers of a reference HF directory."""
+    u, backend = open_backend(url, storage_options)
+    out: dict[str, torch.dtype] = {}
+    for f in hf_files(backend, u.path):
+        for name, he in read_header(backend, backend.join(u.path, f)).entries.items():
+            out[name] = he.dtype
+    return out
+
+
+class _Assembler:
+    """Builds full tensors from their chunks with ranged reads, checking checksums."""
+
+    def __init__(self, src: Source, verify: bool) -> None:
+        self.src = src
+        self.verify = verify
+
+    def __call__(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        st = self.src.tensors[name]
+        size = tuple(st.meta.size)
+        full = torch.empty(size, dtype=st.meta.properties.dtype)
+        for e in st.chunks:
+            assert e.offsets is not None and e.sizes is not None
+            fpath = self.src.backend.join(self.src.path, e.file)
+            band = not size or (all(o == 0 for o in e.offsets[1:]) and tuple(e.sizes[1:]) == size[1:])
+            if band:
+                dst = full.narrow(0, e.offsets[0], e.sizes[0]) if size else full
+                self._read(fpath, e, tensor_memoryview(dst))
+            else:
+                tmp = torch.empty(e.sizes, dtype=full.dtype)
+                self._read(fpath, e, tensor_memoryview(tmp))
+                region = full
+                for d, (o, n) in enumerate(zip(e.offsets, e.sizes)):
+                    region = region.narrow(d, o, n)
+                region.copy_(tmp)
+        return full if full.dtype == dtype else full.to(dtype)
+
+    def _read(self, fpath: str, e: _Entry, view: memoryview) -> None:
+        if len(view) != e.length:
+            raise CorruptCheckpointError(f"{e.fqn!r}: stored length {e.length} does not match its shape")
+        if len(view):
+            self.src.backend.read_into(fpath, e.pos, view)
+        if self.verify and e.xxh3 is not None and xxhash.xxh3_64_hexdigest(view) != e.xxh3:
+            where = self.src.backend.url(fpath)
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {where} (tensor {e.fqn!r}): the file is damaged", path=where
+            )
+
+
+def _write_file(
+    backend: Backend,
+    path: str,
+    entries: list[HeaderEntry],
+    assemble: _Assembler,
+    pool: ThreadPoolExecutor,
+    window: int,
+    on_tensor: Any,
+) -> None:
+    """Stream one output file, keeping at most ``window`` assembled tensors in flight."""
+    header = encode_header(entries, HF_METADATA)
+    pending: collections.deque[Future[torch.Tensor]] = collections.deque()
+    todo = iter(entries)
+
+    def refill() -> None:
+        while len(pending) < window:
+            e = next(todo, None)
+            if e is None:
+                return
+            pending.append(pool.submit(assemble, e.name, e.dtype))
+
+    def get(e: HeaderEntry) -> torch.Tensor:
+        refill()
+        t = pending.popleft().result()
+        refill()
+        on_tensor(e.nbytes)
+        return t
+
+    try:
+        with backend.open_write(path) as f:
+            stream_tensors(f, header, entries, get, checksums=False)
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+def consolidate(
+    src_url: str,
+    dst_url: str,
+    *,
+    max_shard_size: int | str = "5GB",
+    reference_index: str | dict[str, Any] | None = None,
+    dtype_reference: str | None = None,
+    cast_dtype: str | torch.dtype | None = None,
+    workers: int = 4,
+    process_group: Any = None,
+    progress: bool = True,
+    group: str | None = None,
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the full tensors of the checkpoint at ``src_url`` as an HF directory at ``dst_url``.
+
+    :param max_shard_size: bytes per output file (``"5GB"``, ``"500MB"``, an int).
+    :param reference_index: a base model's ``model.safetensors.index.json`` (URL/path, its
+        directory, or the parsed dict) whose file layout to mirror; overrides ``max_shard_size``.
+    :param dtype_reference: a reference HF directory whose headers give each tensor's original
+        dtype (restored for float tensors).
+    :param cast_dtype: ``"bf16"``/``"fp16"``/``"fp32"``: cast ordinary float tensors (never ints,
+        bools or fp8; tensors the reference keeps in another dtype keep it).
+    :param workers: threads assembling tensors; also the number of tensors held in memory.
+    :param process_group: split output files across the ranks of this group (all must call).
+    :param group: which top-level state entry to export (default ``model`` when present).
+    :param verify: check chunk checksums while reading.
+    :returns: the index dict (``{"metadata": {"total_size"}, "weight_map"}``).
+    """
+    rank, world = _dist.rank_and_size(process_group)
+    src = _open_source(src_url, group, storage_options)
+    cast = parse_cast(cast_dtype)
+    dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
+    ref_map = None
+    if reference_index is not None:
+        ref = (
+            reference_index
+            if isinstance(reference_index, dict)
+            else _read_json(reference_index, storage_options, INDEX_NAME)
+        )
+        ref_map = ref.get("weight_map") if isinstance(ref, dict) else None
+        if not isinstance(ref_map, dict):
+            raise CorruptCheckpointError("reference index has no weight_map")
+    specs = {
+        name: (target_dtype(name, st.meta.properties.dtype, dtypes, cast), tuple(st.meta.size))
+        for name, st in src.tensors.items()
+    }
+    plan = make_plan(specs, max_shard_size, ref_map)
+    index = index_dict(plan, specs)
+
+    du = parse_url(dst_url)
+    du, backend = open_backend(du, storage_options)
+    final = du.path.rstrip("/") or du.path
+    work = staging_path(backend, final) if backend.commit_mode == "rename" else final
+
+    def prepare() -> None:
+        if backend.commit_mode == "rename":
+            backend.remove(work, recursive=True)
+        else:
+            backend.remove(backend.join(final, INDEX_NAME))  # the marker goes first
+        backend.makedirs(work)
+
+    _dist.on_coordinator(prepare, process_group)
+    mine = [(n, names) for i, (n, names) in enumerate(zip(plan.names, plan.files)) if i % world == rank]
+    total = sum(math.prod(specs[n][1]) * specs[n][0].itemsize for _, names in mine for n in names)
+    bar = _progress(total, progress and rank == 0, du)
+    error: str | None = None
+    try:
+        assemble = _Assembler(src, verify)
+        window = max(1, int(workers))
+        with ThreadPoolExecutor(window, thread_name_prefix="ckptio-consolidate") as pool:
+            for fname, names in mine:
+                entries = layout([(n, specs[n][0], specs[n][1]) for n in names])
+                _write_file(backend, backend.join(work, fname), entries, assemble, pool, window, bar.update)
+    except Exception as exc:
+        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+        if world == 1:
+            bar.close()
+            _cleanup(backend, work, final)
+            raise
+    finally:
+        bar.close()
+    failures = [e for e in _dist.all_gather(error, process_group) if e]
+    if failures:
+        _dist.on_coordinator(lambda: _cleanup(backend, work, final), process_group)
+        raise CheckpointError("consolidation failed: " + "; ".join(failures))
+
+    def publish() -> None:
+        backend.write_bytes(backend.join(work, INDEX_NAME), index_bytes(index))
+        if backend.commit_mode == "rename":
+            _publish_rename(backend, work, final, plan.names)
+
+    _dist.on_coordinator(publish, process_group)
+    return index
+
+
+def _cleanup(backend: Backend, work: str, final: str) -> None:
+    if work != final:
+        backend.remove(work, recursive=True)
+
+
+def _publish_rename(backend: Backend, work: str, final: str, names: list[str]) -> None:
+    """Move the staged directory into place: one rename when ``final`` is new; otherwise files one
+    by one with the old index removed first and the new one moved last."""
+    parent = final.rsplit("/", 1)[0] if "/" in final else ""
+    if parent:
+        backend.makedirs(parent)
+    if not backend.exists(final) or not backend.listdir(final):
+        backend.remove(final, recursive=True)
+        backend.rename(work, final)
+    else:
+        backend.remove(backend.join(final, INDEX_NAME))
+        keep = set(names)
+        for old in backend.listdir(final):
+            if old.endswith(".safetensors") and old.startswith("model") and old not in keep:
+                backend.remove(backend.join(final, old))
+        for n in names:
+            backend.rename(backend.join(work, n), backend.join(final, n))
+        backend.fsync_dir(final)
+        backend.rename(backend.join(work, INDEX_NAME), backend.join(final, INDEX_NAME))
+        backend.remove(work, recursive=True)
+    backend.fsync_dir(final)
+    if parent:
+        backend.fsync_dir(parent)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _progress(total: int, enabled: bool, where: Any) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidate -> {where}")
+
+
+__all__ = ["consolidate", "reference_dtypes"]

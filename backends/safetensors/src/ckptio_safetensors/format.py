@@ -1,0 +1,480 @@
+"""The ``safetensors`` format: DCP planning, HF safetensors files, JSON metadata in the manifest.
+
+See the package docstring for the directory layout. The manifest's ``format_metadata`` uses the
+same schema as the native format (DCP metadata as JSON plus one storage entry per chunk: file,
+absolute byte position, length, xxh3-64), so the native reader's checked parsing, parallel
+``read_into`` and checksum verification are reused; the safetensors headers carry the same facts
+for tools that only have the files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+import xxhash
+from ckptio.backend import Backend
+from ckptio.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from ckptio.formats.base import Format, FormatWriter, TensorEntry
+from ckptio.formats.native import (
+    NativeReader,
+    _Entry,
+    _split_by_size,
+    metadata_from_json,
+    metadata_to_json,
+)
+from ckptio.manifest import Manifest
+from ckptio.serialization import dtype_name
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlanner,
+    ReadItem,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+
+from ._buffers import band_read
+from ._header import encode_header, layout, read_header, stream_tensors
+from .hf import INDEX_NAME, SINGLE_NAME, index_bytes
+
+LAYOUT_VERSION = "ckptio-safetensors/1"
+DEFAULT_WRITE_THREADS = 2
+VALUES_PREFIX = "values-rank"
+SHARDING_KEY = "ckptio_sharding"  # {name: {"global_shape": [...], "offsets": [...]}} as JSON
+DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # torch's HF key, so torch's HF reader/consolidator read our files
+_SAFE_GROUP = re.compile(r"^[^/\\]+$")
+SPLIT_BYTES = 64 << 20  # a group smaller than this is written as one file per rank
+
+
+def _item_bytes(item: WriteItem) -> int:
+    td = item.tensor_data
+    return 0 if td is None else math.prod(td.chunk.sizes) * td.properties.dtype.itemsize
+
+
+def split_fqn(fqn: str, path: tuple[Any, ...] | None) -> tuple[str, str]:
+    """``(group, name)`` of a flattened DCP key: the top-level state key is the group (a directory),
+    the rest of the path, dotted, is the tensor name; top-level tensors have group ``""``."""
+    if not path or len(path) == 1:
+        return "", fqn
+    group = str(path[0])
+    name = ".".join(str(p) for p in path[1:])
+    if group in (".", "..") or not _SAFE_GROUP.match(group):
+        raise StateMismatchError(f"top-level state key {group!r} cannot be a directory name; rename it")
+    return group, name
+
+
+def group_file(group: str, name: str) -> str:
+    return f"{group}/{name}" if group else name
+
+
+# -- writer --------------------------------------------------------------------------------
+class SafetensorsWriter(FormatWriter):
+    """Every rank streams its chunks into its own safetensors files, one per group and thread."""
+
+    def write_items(self, items: list[WriteItem], planner: SavePlanner, prefix: str) -> list[WriteResult]:
+        rank = int(prefix.removeprefix("__")) if prefix.startswith("__") else self.rank
+        mappings: dict[str, tuple[Any, ...]] = getattr(planner, "mappings", None) or {}
+        by_group: dict[str, list[tuple[WriteItem, str]]] = defaultdict(list)
+        values: list[WriteItem] = []
+        seen: dict[tuple[str, str], str] = {}
+        for item in items:
+            if item.type == WriteItemType.BYTE_IO:
+                values.append(item)
+                continue
+            group, name = split_fqn(item.index.fqn, mappings.get(item.index.fqn))
+            other = seen.setdefault((group, name), item.index.fqn)
+            if other != item.index.fqn:
+                raise StateMismatchError(f"state keys {other!r} and {item.index.fqn!r} both map to {name!r}")
+            by_group[group].append((item, name))
+        n_threads = max(1, int(self.options.get("thread_count", DEFAULT_WRITE_THREADS)))
+        jobs: list[tuple[str, list[tuple[WriteItem, str]]]] = []
+        for group, pairs in sorted(by_group.items()):
+            names = {id(it): nm for it, nm in pairs}
+            group_bytes = sum(_item_bytes(it) for it, _ in pairs)
+            buckets = _split_by_size([it for it, _ in pairs], n_threads if group_bytes >= SPLIT_BYTES else 1)
+            for k, bucket in enumerate(buckets):
+                fname = group_file(group, f"rank{rank:05d}-{k:02d}.safetensors")
+                jobs.append((fname, [(it, names[id(it)]) for it in bucket]))
+        results: list[WriteResult] = []
+        if values:
+            results.extend(self._write_values(f"{VALUES_PREFIX}{rank:05d}.json", values, planner))
+        if len(jobs) <= 1:
+            for fname, pairs in jobs:
+                results.extend(self._write_file(fname, pairs, planner))
+        else:
+            with ThreadPoolExecutor(min(n_threads, len(jobs)), thread_name_prefix="ckptio-st-write") as pool:
+                futures = [pool.submit(self._write_file, fname, pairs, planner) for fname, pairs in jobs]
+                for fut in futures:
+                    results.extend(fut.result())
+        return results
+
+    def _write_file(
+        self, fname: str, pairs: list[tuple[WriteItem, str]], planner: SavePlanner
+    ) -> list[WriteResult]:
+        by_name = {name: item for item, name in pairs}
+        specs = []
+        sharding: dict[str, Any] = {}
+        dcp_sharding: dict[str, Any] = {}
+        for item, name in pairs:
+            td = item.tensor_data
+            assert td is not None
+            specs.append((name, td.properties.dtype, tuple(td.chunk.sizes)))
+            sharding[name] = {"global_shape": list(td.size), "offsets": list(td.chunk.offsets)}
+            dcp_sharding[name] = {"saved_offsets": list(td.chunk.offsets)}
+        entries = layout(specs)
+        meta = {
+            "format": "pt",
+            SHARDING_KEY: json.dumps(sharding, separators=(",", ":")),
+            DCP_SHARDING_KEY: json.dumps(dcp_sharding, separators=(",", ":")),
+            "DCP_VERSION": "1.0",
+        }
+        header = encode_header(entries, meta)
+
+        def get(e: Any) -> torch.Tensor:
+            data = planner.resolve_data(by_name[e.name])
+            assert isinstance(data, torch.Tensor)
+            return data
+
+        with self.backend.open_write(self.backend.join(self.path, fname)) as f:
+            digests = stream_tensors(f, header, entries, get)
+        start = len(header)
+        file_size = start + sum(e.nbytes for e in entries)
+        results = []
+        for e in entries:
+            item = by_name[e.name]
+            info = {
+                "file": fname,
+                "name": e.name,
+                "pos": start + e.begin,
+                "length": e.nbytes,
+                "xxh3": digests[e.name],
+                "file_size": file_size,
+                "whole": tuple(item.tensor_data.size) == e.shape if item.tensor_data else True,
+            }
+            results.append(WriteResult(index=item.index, size_in_bytes=e.nbytes, storage_data=info))
+        return results
+
+    def _write_values(self, fname: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
+        """Non-tensor values as one JSON object ``{fqn: value}``; each value's byte range is
+        recorded so that a load reads (and checks) just the values it needs."""
+        out = io.BytesIO()
+        out.write(b"{")
+        spans = []
+        for i, item in enumerate(items):
+            data = planner.resolve_data(item)
+            raw = data.getvalue() if isinstance(data, io.BytesIO) else b""
+            try:
+                json.loads(raw)
+            except ValueError as exc:
+                raise CheckpointError(
+                    f"non-tensor value {item.index.fqn!r} is not JSON; save through ckptio.save (its planner "
+                    "stores values as JSON), or keep only tensors in a safetensors checkpoint"
+                ) from exc
+            out.write((b"," if i else b"") + json.dumps(item.index.fqn).encode() + b":")
+            spans.append((item, out.tell(), len(raw), xxhash.xxh3_64_hexdigest(raw)))
+            out.write(raw)
+        out.write(b"}\n")
+        body = out.getvalue()
+        with self.backend.open_write(self.backend.join(self.path, fname)) as f:
+            f.write(body)
+        return [
+            WriteResult(
+                index=item.index,
+                size_in_bytes=n,
+                storage_data={
+                    "file": fname,
+                    "name": item.index.fqn,
+                    "pos": pos,
+                    "length": n,
+                    "xxh3": d,
+                    "file_size": len(body),
+                    "value": True,
+                },
+            )
+            for item, pos, n, d in spans
+        ]
+
+    def build_metadata(
+        self, metadata: Metadata, results: list[WriteResult]
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        files: dict[str, dict[str, Any]] = {}
+        storage = []
+        names: dict[str, list[str]] = {}
+        groups: dict[str, dict[str, str]] = defaultdict(dict)
+        partial_groups: set[str] = set()
+        for r in results:
+            sd = r.storage_data
+            files[sd["file"]] = {"size": sd["file_size"]}
+            storage.append(
+                {
+                    "fqn": r.index.fqn,
+                    "offsets": list(r.index.offset) if r.index.offset is not None else None,
+                    "file": sd["file"],
+                    "pos": sd["pos"],
+                    "length": sd["length"],
+                    "xxh3": sd["xxh3"],
+                }
+            )
+            if sd.get("value"):
+                continue
+            group = sd["file"].rsplit("/", 1)[0] if "/" in sd["file"] else ""
+            names[r.index.fqn] = [group, sd["name"]]
+            groups[group][sd["name"]] = sd["file"].rsplit("/", 1)[-1]
+            if not sd["whole"]:
+                partial_groups.add(group)
+        # A group whose tensors are all whole is a valid HF directory: give it the HF index.
+        for group, weight_map in sorted(groups.items()):
+            if group in partial_groups:
+                continue
+            total = sum(s["length"] for s in storage if names.get(s["fqn"], [None])[0] == group)
+            data = index_bytes(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            )
+            rel = group_file(group, INDEX_NAME)
+            self.backend.write_bytes(self.backend.join(self.path, rel), data)
+            files[rel] = {"size": len(data), "xxh3": xxhash.xxh3_64_hexdigest(data)}
+        fm = {"layout": LAYOUT_VERSION, "dcp": metadata_to_json(metadata), "storage": storage, "names": names}
+        return fm, files
+
+
+# -- readers -------------------------------------------------------------------------------
+class SafetensorsReader(NativeReader):
+    """Reads chunks straight into destination tensors (native machinery); when resharding, reads
+    only the band of rows a destination needs unless a checksum has to be verified."""
+
+    def _read_item(self, req: ReadItem, planner: LoadPlanner) -> None:
+        if req.type == LoadItemType.BYTE_IO:
+            return super()._read_item(req, planner)
+        e = self._entry(req)
+        assert e.sizes is not None and e.dtype is not None
+        whole = tuple(req.lengths) == e.sizes and not any(req.storage_offsets)
+        if whole or (self.verify and e.xxh3 is not None) or not e.sizes:
+            return super()._read_item(req, planner)
+        dst = planner.resolve_tensor(req)
+        src, nbytes = band_read(
+            self.backend,
+            self.backend.join(self.path, e.file),
+            e.pos,
+            e.dtype,
+            e.sizes,
+            tuple(req.storage_offsets),
+            tuple(req.lengths),
+        )
+        dst.copy_(src)
+        planner.commit_tensor(req, dst)
+        with self._lock:
+            self.bytes_read += nbytes
+        return None
+
+
+class ForeignReader(SafetensorsReader):
+    """Reads a directory written by another tool (``save_pretrained``, torch's HF writer):
+    metadata comes from the safetensors headers, chunk offsets from ``DCP_SHARDING_INFO`` (or
+    ckptio's own key) when present, else each tensor is whole."""
+
+    def __init__(
+        self, backend: Backend, path: str, metadata: Metadata, entries: dict, **options: Any
+    ) -> None:
+        self.backend = backend
+        self.path = path
+        self.manifest = None  # type: ignore[assignment]
+        self.verify = bool(options.get("verify", True))
+        self.thread_count = max(1, int(options.get("thread_count", 4)))
+        self.metadata, self.entries = metadata, entries
+        self.bytes_read = 0
+        import threading
+
+        self._lock = threading.Lock()
+
+
+def hf_files(backend: Backend, path: str) -> list[str]:
+    """The safetensors files of an HF-style directory: those the index names, else
+    ``model.safetensors``, else every ``*.safetensors`` at the top level."""
+    idx = backend.join(path, INDEX_NAME)
+    if backend.exists(idx):
+        where = backend.url(idx)
+        try:
+            weight_map = json.loads(backend.read_bytes(idx))["weight_map"]
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                backend.join(path, f)
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{where}: not a valid safetensors index ({exc})", path=where
+            ) from exc
+        return files
+    if backend.exists(backend.join(path, SINGLE_NAME)):
+        return [SINGLE_NAME]
+    return sorted(n for n in backend.listdir(path) if n.endswith(".safetensors"))
+
+
+def _apply_mapping(name: str, mapping: list[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, repl in mapping:
+        new, n = pattern.subn(repl, name)
+        if n:
+            return new
+    return name
+
+
+def foreign_metadata(
+    backend: Backend, path: str, key_mapping: dict[str, str] | None = None, prefix: str = ""
+) -> tuple[Metadata, dict[tuple[str, tuple[int, ...] | None], _Entry]]:
+    """DCP ``Metadata`` and chunk entries from the headers of an HF-style directory."""
+    mapping = [(re.compile(p), r) for p, r in (key_mapping or {}).items()]
+    files = hf_files(backend, path)
+    if not files:
+        raise CorruptCheckpointError(f"{backend.url(path)} holds no .safetensors files")
+    chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]] = defaultdict(list)
+    entries: dict[tuple[str, tuple[int, ...] | None], _Entry] = {}
+    for f in files:
+        fpath = backend.join(path, f)
+        hdr = read_header(backend, fpath)
+        sharding: dict[str, Any] = {}
+        for key in (SHARDING_KEY, DCP_SHARDING_KEY):
+            if key in hdr.metadata:
+                try:
+                    sharding = json.loads(hdr.metadata[key])
+                except ValueError:
+                    sharding = {}
+                break
+        for name, he in hdr.entries.items():
+            fqn = prefix + _apply_mapping(name, mapping)
+            info = sharding.get(name) or {}
+            off = info.get("offsets", info.get("saved_offsets")) if isinstance(info, dict) else None
+            offsets = (
+                tuple(off) if isinstance(off, list) and len(off) == len(he.shape) else (0,) * len(he.shape)
+            )
+            if (fqn, offsets) in entries:
+                raise CorruptCheckpointError(f"{backend.url(path)}: tensor {fqn!r} is stored twice ({f})")
+            chunks[fqn].append((offsets, he.shape, he.dtype))
+            entries[(fqn, offsets)] = _Entry(
+                fqn, offsets, he.shape, he.dtype, f, hdr.data_start + he.begin, he.nbytes, None
+            )
+    sdm: dict[str, Any] = {}
+    for fqn, parts in chunks.items():
+        dtypes = {dt for _, _, dt in parts}
+        if len(dtypes) != 1:
+            raise CorruptCheckpointError(f"{backend.url(path)}: chunks of {fqn!r} have different dtypes")
+        ndim = len(parts[0][1])
+        size = tuple(max(o[d] + s[d] for o, s, _ in parts) for d in range(ndim))
+        if sum(math.prod(s) for _, s, _ in parts) != math.prod(size):
+            raise CorruptCheckpointError(f"{backend.url(path)}: the chunks of {fqn!r} do not tile the tensor")
+        sdm[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtypes.pop()),
+            size=torch.Size(size),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _ in parts],
+        )
+    return Metadata(state_dict_metadata=sdm, storage_data=entries), entries
+
+
+def _foreign_prefix(backend: Backend, path: str, options: dict[str, Any]) -> str:
+    """Where a foreign directory's tensors go in the state: ``prefix=`` when given; else, when the
+    state has one top-level entry that is not itself a stored name (``{"model": ModelState(m)}``),
+    under that entry; else at the top level (a flat dict of tensors)."""
+    if options.get("prefix") is not None:
+        p = str(options["prefix"])
+        return p if not p or p.endswith(".") else p + "."
+    keys = list(options.get("state_keys") or [])
+    if len(keys) == 1:
+        first = hf_files(backend, path)[:1]
+        stored = read_header(backend, backend.join(path, first[0])).entries if first else {}
+        if keys[0] not in stored:
+            return keys[0] + "."
+    return ""
+
+
+class SafetensorsFormat(Format):
+    """HF safetensors files, sharded by rank, resharding on load (see the package docstring)."""
+
+    name = "safetensors"
+
+    def storage_writer(self, backend: Backend, path: str, **options: Any) -> SafetensorsWriter:
+        return SafetensorsWriter(backend, path, **options)
+
+    def storage_reader(
+        self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
+    ) -> SafetensorsReader:
+        if manifest is not None:
+            return SafetensorsReader(backend, path, manifest, **options)
+        prefix = _foreign_prefix(backend, path, options)
+        md, entries = foreign_metadata(backend, path, options.get("key_mapping"), prefix)
+        return ForeignReader(backend, path, md, entries, **options)
+
+    def detect(self, backend: Backend, path: str) -> bool:
+        if backend.exists(backend.join(path, INDEX_NAME)) or backend.exists(backend.join(path, SINGLE_NAME)):
+            return True
+        return any(n.endswith(".safetensors") for n in backend.listdir(path))
+
+    def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
+        where = backend.url(path)
+        _, entries = metadata_from_json(manifest.format_metadata, manifest.files, where)
+        headers = {}
+        for name, info in manifest.files.items():
+            fpath = backend.join(path, name)
+            actual = backend.size(fpath)
+            if actual != info["size"]:
+                raise CorruptCheckpointError(
+                    f"{backend.url(fpath)} has {actual} bytes, the manifest says {info['size']}",
+                    path=backend.url(fpath),
+                )
+            if name.endswith(".safetensors"):
+                headers[name] = read_header(backend, fpath)
+        names = manifest.format_metadata.get("names", {})
+        checked = 0
+        for e in sorted(entries.values(), key=lambda e: (e.file, e.pos)):
+            fpath = backend.join(path, e.file)
+            if e.file in headers:
+                he = headers[e.file].entries.get(names.get(e.fqn, ["", e.fqn])[1])
+                if he is None or headers[e.file].data_start + he.begin != e.pos or he.nbytes != e.length:
+                    raise CorruptCheckpointError(
+                        f"{backend.url(fpath)}: header does not match the manifest for {e.fqn!r}",
+                        path=backend.url(fpath),
+                    )
+            data = backend.read_bytes(fpath, e.pos, e.length)
+            if len(data) != e.length or (e.xxh3 is not None and xxhash.xxh3_64_hexdigest(data) != e.xxh3):
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in {backend.url(fpath)} (tensor {e.fqn!r}): the file is damaged",
+                    path=backend.url(fpath),
+                )
+            checked += e.length
+        return checked
+
+    def tensors(self, backend: Backend, path: str, manifest: Manifest | None) -> list[TensorEntry]:
+        if manifest is None:
+            md, entries = foreign_metadata(backend, path)
+        else:
+            md, entries = metadata_from_json(manifest.format_metadata, manifest.files, backend.url(path))
+        out = []
+        for e in sorted(entries.values(), key=lambda e: (e.file, e.pos)):
+            m = md.state_dict_metadata[e.fqn]
+            if isinstance(m, TensorStorageMetadata):
+                out.append(
+                    TensorEntry(
+                        e.fqn,
+                        dtype_name(m.properties.dtype),
+                        list(m.size),
+                        e.length,
+                        e.file,
+                        list(e.offsets or ()),
+                    )
+                )
+            else:
+                out.append(TensorEntry(e.fqn, "json", [], e.length, e.file))
+        return out
+
+
+__all__ = ["ForeignReader", "SafetensorsFormat", "SafetensorsReader", "SafetensorsWriter", "foreign_metadata"]
