@@ -53,6 +53,13 @@ def fsdp_save_and_reload(rank: int, world: int, root: str) -> dict[str, Any]:
     opt.zero_grad()
     state = {"model": ckptio.ModelState(model), "optim": ckptio.OptimizerState(model, opt), "step": 1}
     ckptio.save(state, f"safetensors+file://{root}/ck")
+    import torch.distributed as dist
+    from ckptio_safetensors import consolidate
+
+    # every rank writes every other output file; rank 0 publishes the index
+    consolidate(
+        f"{root}/ck", f"{root}/hf2", max_shard_size=20_000, process_group=dist.group.WORLD, progress=False
+    )
     full_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(model, options=full_opts)
     if rank == 0:

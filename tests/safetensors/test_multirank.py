@@ -92,3 +92,16 @@ def test_consolidated_loads_in_transformers(saved: tuple[Path, list[dict]], tmp_
     mine.load_state_dict(ref)
     with torch.no_grad():
         assert torch.equal(hf(input_ids=input_ids()).logits, mine(input_ids=input_ids()).logits)
+
+
+def test_consolidation_split_across_ranks(saved: tuple[Path, list[dict]]) -> None:
+    root, _ = saved
+    ref = torch.load(root / "ref.pt")
+    out = root / "hf2"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2
+    merged: dict[str, torch.Tensor] = {}
+    for f in files:
+        merged.update(load_file(str(out / f)))
+    assert merged.keys() == ref.keys() and all(torch.equal(merged[k], ref[k]) for k in ref)

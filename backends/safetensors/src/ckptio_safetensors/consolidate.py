@@ -238,12 +238,14 @@ def consolidate(
     :param cast_dtype: ``"bf16"``/``"fp16"``/``"fp32"``: cast ordinary float tensors (never ints,
         bools or fp8; tensors the reference keeps in another dtype keep it).
     :param workers: threads assembling tensors; also the number of tensors held in memory.
-    :param process_group: split output files across the ranks of this group (all must call).
+    :param process_group: split output files across the ranks of this group (all its ranks must
+        call); ``None``: this process writes everything, with no collectives.
     :param group: which top-level state entry to export (default ``model`` when present).
     :param verify: check chunk checksums while reading.
     :returns: the index dict (``{"metadata": {"total_size"}, "weight_map"}``).
     """
-    rank, world = _dist.rank_and_size(process_group)
+    pg = process_group
+    rank, world = _dist.rank_and_size(pg) if pg is not None else (0, 1)
     src = _open_source(src_url, group, storage_options)
     cast = parse_cast(cast_dtype)
     dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
@@ -276,7 +278,7 @@ def consolidate(
             backend.remove(backend.join(final, INDEX_NAME))  # the marker goes first
         backend.makedirs(work)
 
-    _dist.on_coordinator(prepare, process_group)
+    _on_coordinator(prepare, pg)
     mine = [(n, names) for i, (n, names) in enumerate(zip(plan.names, plan.files)) if i % world == rank]
     total = sum(math.prod(specs[n][1]) * specs[n][0].itemsize for _, names in mine for n in names)
     bar = _progress(total, progress and rank == 0, du)
@@ -296,9 +298,9 @@ def consolidate(
             raise
     finally:
         bar.close()
-    failures = [e for e in _dist.all_gather(error, process_group) if e]
+    failures = [e for e in (_dist.all_gather(error, pg) if pg is not None else [error]) if e]
     if failures:
-        _dist.on_coordinator(lambda: _cleanup(backend, work, final), process_group)
+        _on_coordinator(lambda: _cleanup(backend, work, final), pg)
         raise CheckpointError("consolidation failed: " + "; ".join(failures))
 
     def publish() -> None:
@@ -306,8 +308,17 @@ def consolidate(
         if backend.commit_mode == "rename":
             _publish_rename(backend, work, final, plan.names)
 
-    _dist.on_coordinator(publish, process_group)
+    _on_coordinator(publish, pg)
     return index
+
+
+def _on_coordinator(fn: Any, pg: Any) -> None:
+    """Run ``fn`` on group rank 0 and share its failure; without a group, just run it (a single
+    process consolidates alone even inside a distributed job)."""
+    if pg is None:
+        fn()
+    else:
+        _dist.on_coordinator(fn, pg)
 
 
 def _cleanup(backend: Backend, work: str, final: str) -> None:

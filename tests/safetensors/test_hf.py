@@ -1,0 +1,200 @@
+"""HF interop: foreign ``save_pretrained`` directories, consolidation options, the HF writer, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import ckptio
+import ckptio_safetensors
+import pytest
+import torch
+from ckptio.checkpoint import open_backend
+from safetensors.torch import load_file, save_file
+
+from ._models import build_llama
+
+
+def _merged(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A tiny Llama saved by transformers: one file, and sharded with an index."""
+    root = tmp_path_factory.mktemp("hf")
+    model = build_llama(3, shard=False)
+    model.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="40KB")
+    return root / "single", root / "sharded", {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("which", ["single", "sharded"])
+def test_save_pretrained_dir_loads_into_model_state(pretrained: tuple, which: str) -> None:
+    single, sharded, ref = pretrained
+    d = single if which == "single" else sharded
+    assert (d / "model.safetensors.index.json").exists() == (which == "sharded")
+    model = build_llama(4, shard=False)
+    result = ckptio.load({"model": ckptio.ModelState(model)}, str(d))  # detected: no manifest
+    assert result.manifest is None
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_save_pretrained_dir_loads_into_flat_dict_with_key_mapping(pretrained: tuple) -> None:
+    single, _, ref = pretrained
+    flat = {k.replace("model.", "backbone.", 1): torch.zeros_like(v) for k, v in ref.items()}
+    ckptio.load(flat, str(single), key_mapping={r"^model\.": "backbone.", r"^nothing": "x"})
+    assert all(torch.equal(flat[k.replace("model.", "backbone.", 1)], v) for k, v in ref.items())
+    plain = {k: torch.zeros_like(v) for k, v in ref.items()}
+    ckptio.load(plain, f"safetensors+file://{single}")
+    assert all(torch.equal(plain[k], v) for k, v in ref.items())
+
+
+def test_consolidate_keeps_every_dtype_and_casts_only_floats(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    src = {
+        "f32": torch.randn(40, 8, generator=g),
+        "bf16": torch.randn(8, 8, generator=g).bfloat16(),
+        "i64": torch.arange(64, dtype=torch.int64) * 3_000_000_000,
+        "mask": torch.rand(5, 7, generator=g) > 0.5,
+        "fp8": torch.randn(16, 4, generator=g).to(torch.float8_e4m3fn),
+        "u8": torch.arange(200, dtype=torch.uint8),
+    }
+    ckptio.save({"model": dict(src), "step": 1}, f"safetensors+file://{tmp_path}/ck")
+    out = tmp_path / "hf"
+    index = ckptio_safetensors.consolidate(str(tmp_path / "ck"), str(out), progress=False)
+    merged = _merged(out)
+    assert merged.keys() == src.keys()
+    assert all(merged[k].dtype == v.dtype and torch.equal(_bits(merged[k]), _bits(v)) for k, v in src.items())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in src.values())
+    with open(out / "model-00001-of-00001.safetensors", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        assert json.loads(f.read(n))["__metadata__"] == {"format": "pt"}
+
+    cast = tmp_path / "cast"
+    ckptio_safetensors.consolidate(str(tmp_path / "ck"), str(cast), cast_dtype="fp16", progress=False)
+    c = _merged(cast)
+    assert c["f32"].dtype == torch.float16 and c["bf16"].dtype == torch.float16
+    assert (
+        c["i64"].dtype == torch.int64
+        and c["mask"].dtype == torch.bool
+        and c["fp8"].dtype == torch.float8_e4m3fn
+    )
+    assert torch.equal(c["f32"], src["f32"].half())
+
+
+def test_consolidate_restores_reference_dtypes_and_layout(tmp_path: Path) -> None:
+    src = {f"layer{i}.w": torch.randn(16, 16) for i in range(4)} | {"norm": torch.randn(16)}
+    ckptio.save({"model": dict(src)}, f"safetensors+file://{tmp_path}/ck")
+    base = tmp_path / "base"
+    base.mkdir()
+    ref_tensors = {k: (v.bfloat16() if k != "norm" else v) for k, v in src.items()}
+    save_file(
+        {k: ref_tensors[k] for k in ("layer0.w", "layer1.w")}, str(base / "model-00001-of-00002.safetensors")
+    )
+    save_file(
+        {k: ref_tensors[k] for k in ("layer2.w", "layer3.w", "norm")},
+        str(base / "model-00002-of-00002.safetensors"),
+    )
+    weight_map = {
+        k: f"model-0000{1 if k in ('layer0.w', 'layer1.w') else 2}-of-00002.safetensors" for k in src
+    }
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    out = tmp_path / "hf"
+    index = ckptio_safetensors.consolidate(
+        str(tmp_path / "ck"),
+        str(out),
+        reference_index=str(base / "model.safetensors.index.json"),
+        dtype_reference=str(base),
+        cast_dtype="fp16",
+        workers=2,
+        progress=False,
+    )
+    assert index["weight_map"] == weight_map
+    merged = _merged(out)
+    assert (
+        merged["layer0.w"].dtype == torch.bfloat16 and merged["norm"].dtype == torch.float32
+    )  # kept as in base
+    assert torch.equal(merged["layer3.w"], src["layer3.w"].bfloat16())
+
+
+def test_consolidate_native_source_and_replaces_destination(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    ckptio.save({"model": ckptio.ModelState(model), "optim_step": 5}, str(tmp_path / "native"))
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    (out / "config.json").write_text("{}")
+    ckptio_safetensors.consolidate(str(tmp_path / "native"), str(out), progress=False)
+    assert not (out / "model-00009-of-00009.safetensors").exists() and (out / "config.json").exists()
+    merged = _merged(out)
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_failed_consolidation_publishes_nothing(tmp_path: Path) -> None:
+    ckptio.save({"model": {"w": torch.arange(1000.0)}}, f"safetensors+file://{tmp_path}/ck")
+    f = next((tmp_path / "ck" / "model").glob("*.safetensors"))
+    raw = bytearray(f.read_bytes())
+    raw[-8] ^= 0x55
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ckptio.CorruptCheckpointError):
+        ckptio_safetensors.consolidate(str(tmp_path / "ck"), str(tmp_path / "hf"), progress=False)
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_write_hf_checkpoint_shards_and_index(tmp_path: Path) -> None:
+    sd = {f"t{i}": torch.full((100,), float(i)) for i in range(5)} | {"ids": torch.arange(10)}
+    _, backend = open_backend(str(tmp_path))
+    index = ckptio_safetensors.write_hf_checkpoint(
+        sd,
+        backend,
+        str(tmp_path / "out"),
+        max_shard_size=500,
+        dtypes={"t0": torch.bfloat16},
+        cast_dtype="fp16",
+    )
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    merged = _merged(tmp_path / "out")
+    assert merged["t0"].dtype == torch.bfloat16 and merged["t1"].dtype == torch.float16
+    assert merged["ids"].dtype == torch.int64 and torch.equal(merged["ids"], sd["ids"])
+    assert json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text()) == index
+
+
+def test_cli_consolidate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptio_safetensors.cli import add_consolidate_arguments, run_consolidate
+
+    ckptio.save({"model": {"a": torch.ones(3, 3), "b": torch.zeros(2)}}, f"safetensors+file://{tmp_path}/ck")
+    parser = argparse.ArgumentParser()
+    add_consolidate_arguments(parser)
+    args = parser.parse_args(
+        [
+            str(tmp_path / "ck"),
+            str(tmp_path / "hf"),
+            "--dtype",
+            "bf16",
+            "--json",
+            "--shard-size",
+            "1MB",
+            "--workers",
+            "2",
+        ]
+    )
+    assert run_consolidate(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tensors"] == 2 and report["files"] == ["model-00001-of-00001.safetensors"]
+    assert _merged(tmp_path / "hf")["a"].dtype == torch.bfloat16
+    bad = parser.parse_args([str(tmp_path / "nope"), str(tmp_path / "hf2")])
+    assert run_consolidate(bad) == 1
+    assert "no checkpoint" in capsys.readouterr().err
