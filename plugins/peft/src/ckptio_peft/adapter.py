@@ -26,11 +26,8 @@ import torch
 from ckptio.backend import Backend
 from ckptio.checkpoint import open_backend
 from ckptio.errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -148,6 +145,20 @@ def adapter_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save(clean, metadata={"format": "pt"})
 
 
+def _copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter that may be a DTensor shard, without communication
+    (every rank holds the whole tensor, so each one cuts its own shard)."""
+    if isinstance(dst, DTensor):
+        local = distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(local.to_local())
+    else:
+        if dst.shape != full.shape:
+            raise StateMismatchError(
+                f"adapter tensor of shape {tuple(full.shape)} does not fit {tuple(dst.shape)}"
+            )
+        dst.copy_(full)
+
+
 @dataclass
 class AdapterLoadResult:
     """What :func:`load_adapter` did: on-disk keys loaded, and the model's adapter keys not found."""
@@ -188,8 +199,8 @@ def load_adapter(
     on any backend) into ``model`` in place.
 
     The model must already carry the adapter's layers (``get_peft_model(base, config)``). Works
-    for FSDP2-sharded models: every rank reads the (small) file and torch distributes the full
-    tensors to the shards. With ``strict``, adapter weights the file lacks, or file entries the
+    for FSDP2-sharded models: every rank reads the (small) file and cuts its own shard of each
+    tensor, with no collective. With ``strict``, adapter weights the file lacks, or file entries the
     model has no place for, raise :class:`~ckptio.StateMismatchError`.
     """
     u, backend = open_backend(url, storage_options)
@@ -205,8 +216,10 @@ def load_adapter(
             f"adapter at {backend.url(path)} does not fit the model: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]} (is the PEFT config the same? pass strict=False to load what fits)"
         )
-    to_load: dict[str, Any] = {inverse[k]: v for k, v in tensors.items() if k in inverse}
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for disk in sorted(k for k in tensors if k in inverse):
+            _copy_full_into(targets[inverse[disk]], tensors[disk])
     loaded = sorted(k for k in tensors if k in inverse)
-    # torch fills in the rest of a full state dict in place: pass a dict we do not reuse
-    set_model_state_dict(model, to_load, options=StateDictOptions(full_state_dict=True, strict=False))
     return AdapterLoadResult(loaded=loaded, missing=missing, unexpected=unexpected, config=config)
