@@ -8,9 +8,9 @@ How it stays fast and small:
 
 * Each full tensor is assembled by ranged reads straight into its place in one buffer (a chunk
   that is a band of rows lands in place with no copy; others go through a chunk-sized temporary),
-  checksums are checked on the way, and the tensor is streamed out right after the header. At most
-  ``workers`` tensors are in flight, so memory is about one tensor per worker whatever the model
-  size; reads for the next tensors overlap the write of the current one.
+  checksums are checked on the way, and the tensor is streamed out right after the header. Reads
+  of the next tensors overlap the write of the current one, within a byte budget (by default the
+  size of the largest tensor), so peak memory is about one tensor whatever the model size.
 * Every dtype works (torch's consolidator computes element sizes with ``finfo`` and crashes on
   integer tensors); casts touch ordinary float tensors only.
 * Output appears atomically: files are written to a staging directory that is renamed into place
@@ -177,31 +177,54 @@ class _Assembler:
             )
 
 
+class _Window:
+    """Bounds the bytes of assembled tensors alive at once (queued or being written).
+
+    A tensor is started only while the total stays within ``budget``, or when nothing is in
+    flight (so one tensor larger than the budget still goes through, alone).
+    """
+
+    def __init__(self, budget: int, max_tasks: int) -> None:
+        self.budget = budget
+        self.max_tasks = max_tasks
+        self.bytes = 0
+
+    def admits(self, nbytes: int, queued: int) -> bool:
+        if queued >= self.max_tasks:
+            return False
+        return self.bytes == 0 or self.bytes + nbytes <= self.budget
+
+
 def _write_file(
     backend: Backend,
     path: str,
     entries: list[HeaderEntry],
     assemble: _Assembler,
     pool: ThreadPoolExecutor,
-    window: int,
+    window: _Window,
     on_tensor: Any,
 ) -> None:
-    """Stream one output file, keeping at most ``window`` assembled tensors in flight."""
+    """Stream one output file, assembling the next tensors while the current one is written."""
     header = encode_header(entries, HF_METADATA)
-    pending: collections.deque[Future[torch.Tensor]] = collections.deque()
-    todo = iter(entries)
+    pending: collections.deque[tuple[HeaderEntry, Future[torch.Tensor]]] = collections.deque()
+    todo = collections.deque(entries)
 
     def refill() -> None:
-        while len(pending) < window:
-            e = next(todo, None)
-            if e is None:
-                return
-            pending.append(pool.submit(assemble, e.name, e.dtype))
+        while todo and window.admits(todo[0].nbytes, len(pending)):
+            e = todo.popleft()
+            window.bytes += e.nbytes
+            pending.append((e, pool.submit(assemble, e.name, e.dtype)))
+
+    writing: list[HeaderEntry] = []
 
     def get(e: HeaderEntry) -> torch.Tensor:
+        if writing:  # the previous tensor has been written: release its share of the window
+            window.bytes -= writing.pop().nbytes
         refill()
-        t = pending.popleft().result()
-        refill()
+        queued, fut = pending.popleft()
+        assert queued is e
+        writing.append(e)
+        t = fut.result()
         on_tensor(e.nbytes)
         return t
 
@@ -209,8 +232,9 @@ def _write_file(
         with backend.open_write(path) as f:
             stream_tensors(f, header, entries, get, checksums=False)
     finally:
-        for fut in pending:
+        for _, fut in pending:
             fut.cancel()
+        window.bytes = 0
 
 
 def consolidate(
@@ -226,6 +250,7 @@ def consolidate(
     progress: bool = True,
     group: str | None = None,
     verify: bool = True,
+    max_inflight_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the full tensors of the checkpoint at ``src_url`` as an HF directory at ``dst_url``.
@@ -237,7 +262,9 @@ def consolidate(
         dtype (restored for float tensors).
     :param cast_dtype: ``"bf16"``/``"fp16"``/``"fp32"``: cast ordinary float tensors (never ints,
         bools or fp8; tensors the reference keeps in another dtype keep it).
-    :param workers: threads assembling tensors; also the number of tensors held in memory.
+    :param workers: threads assembling tensors (reads overlap the write of the current tensor).
+    :param max_inflight_bytes: bytes of assembled tensors alive at once; default: the largest
+        tensor, so peak memory is about one (the largest) tensor whatever ``workers`` is.
     :param process_group: split output files across the ranks of this group (all its ranks must
         call); ``None``: this process writes everything, with no collectives.
     :param group: which top-level state entry to export (default ``model`` when present).
@@ -285,8 +312,10 @@ def consolidate(
     error: str | None = None
     try:
         assemble = _Assembler(src, verify)
-        window = max(1, int(workers))
-        with ThreadPoolExecutor(window, thread_name_prefix="ckptio-consolidate") as pool:
+        n_workers = max(1, int(workers))
+        largest = max((math.prod(shape) * dt.itemsize for dt, shape in specs.values()), default=0)
+        window = _Window(max_inflight_bytes or largest, n_workers)
+        with ThreadPoolExecutor(n_workers, thread_name_prefix="ckptio-consolidate") as pool:
             for fname, names in mine:
                 entries = layout([(n, specs[n][0], specs[n][1]) for n in names])
                 _write_file(backend, backend.join(work, fname), entries, assemble, pool, window, bar.update)
