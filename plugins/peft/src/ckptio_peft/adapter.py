@@ -216,8 +216,8 @@ def load_adapter(
             f"adapter at {backend.url(path)} does not fit the model: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]} (is the PEFT config the same? pass strict=False to load what fits)"
         )
-    targets = dict(model.named_parameters(remove_duplicate=False))
-    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(model.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for disk in sorted(k for k in tensors if k in inverse):
             _copy_full_into(targets[inverse[disk]], tensors[disk])
