@@ -9,6 +9,8 @@ import torch
 from ckptio.checkpoint import open_backend
 from ckptio.plugins import get_format
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
 M = "model.layers.0.self_attn.q_proj"
 
 
