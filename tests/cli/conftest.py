@@ -1,0 +1,1 @@
+from ._helpers import series, single  # noqa: F401  (fixtures)
