@@ -78,6 +78,7 @@ class S3MultipartWriter(io.RawIOBase):
         return aretry_call(fn, self.backend.policy, self.backend.errors, action, self.url)
 
     async def _s3(self) -> Any:
+        await self.backend.fs.set_session()  # a no-op once connected; other ranks may not be yet
         return await self.backend.fs.get_s3(self.bucket)
 
     def _send_part(self) -> None:
