@@ -19,6 +19,7 @@ collective fails the test instead of hanging the suite.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import signal
@@ -63,6 +64,8 @@ def _rank_main(
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    # a hung collective prints every thread's stack before the parent kills the rank
+    faulthandler.dump_traceback_later(max(1.0, timeout - 10), exit=False)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     try:
         result = fn(rank, world_size, *args)

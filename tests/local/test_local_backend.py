@@ -85,6 +85,7 @@ def test_failed_tensor_write_leaves_the_previous_checkpoint_intact(
         ckptio.save({"w": torch.full((4,), 2.0)}, str(ck))
     monkeypatch.undo()
     assert _value(ck) == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"], "a failed save removes its staging directory"
     # the next save cleans the staging directory and commits normally
     ckptio.save({"w": torch.full((4,), 3.0)}, str(ck))
     assert _value(ck) == 3.0

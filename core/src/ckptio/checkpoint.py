@@ -220,6 +220,12 @@ def save_checkpoint(
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        if rank == 0 and data_dir != final:
+            # DCP reports a failure to every rank once all are done writing: drop the staging dir
+            try:
+                backend.remove(data_dir, recursive=True)
+            except Exception as cleanup_exc:  # the next save removes it anyway
+                log.warning("could not remove %s: %s", backend.url(data_dir), cleanup_exc)
         raise translate(exc, f"save to {u}") from exc
     t_write = time.perf_counter()
     addons.hook.on_tensors_written(ctx=ctx)
@@ -347,7 +353,8 @@ def load_checkpoint(
     if manifest is None:  # a foreign checkpoint: let the format see where the state wants its tensors
         format_options.setdefault("state_keys", list(expanded))
     reader = fmt.storage_reader(backend, u.path, manifest, verify=verify, **format_options)
-    planner = SafeLoadPlanner(strict=strict)
+    per_rank = [k for k, v in state.items() if isinstance(v, (PerRank, RNGState))]
+    planner = SafeLoadPlanner(strict=strict, per_rank_keys=per_rank, rank=rank)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -88,17 +89,28 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         checkpoint but not in the state (:attr:`unexpected`) are an error only in strict mode.
     """
 
-    def __init__(self, strict: bool = True) -> None:
+    def __init__(self, strict: bool = True, per_rank_keys: Iterable[str] = (), rank: int = 0) -> None:
         super().__init__(allow_partial_load=True)
         self.strict = strict
         self.missing: list[str] = []
         self.unexpected: list[str] = []
+        # ``PerRank``/``RNGState`` entries of *other* ranks (``<key>.rank<N>...``) belong to those
+        # ranks: every rank holds only its own, so they are neither unexpected nor an error here.
+        self._per_rank_prefixes = [f"{k}.rank" for k in per_rank_keys]
+        self._rank = rank
+
+    def _other_rank(self, fqn: str) -> bool:
+        for prefix in self._per_rank_prefixes:
+            if fqn.startswith(prefix):
+                num = fqn[len(prefix) :].split(".", 1)[0]
+                return num.isdigit() and int(num) != self._rank
+        return False
 
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
         stored = self.metadata.state_dict_metadata
         self.missing = sorted(k for k in self.state_dict if k not in stored)
-        self.unexpected = sorted(k for k in stored if k not in self.state_dict)
+        self.unexpected = sorted(k for k in stored if k not in self.state_dict and not self._other_rank(k))
         mismatched: list[str] = []
         details: list[str] = []
         for fqn, value in self.state_dict.items():
