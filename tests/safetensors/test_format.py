@@ -205,3 +205,10 @@ def test_memory_backend_when_available() -> None:
     dst = {k: torch.zeros_like(v) for k, v in src.items()}
     ckptio.load(dst, url)
     assert all(torch.equal(dst[k], src[k]) for k in src)
+
+
+def test_interrupted_save_is_not_taken_for_a_foreign_checkpoint(tmp_path: Path) -> None:
+    ckptio.save({"w": torch.ones(4)}, f"safetensors+file://{tmp_path}/ck")
+    (tmp_path / "ck" / "manifest.json").unlink()  # as an object-store save cut before its commit
+    with pytest.raises(ckptio.IncompleteCheckpointError):
+        ckptio.load({"w": torch.zeros(4)}, str(tmp_path / "ck"))

@@ -57,6 +57,7 @@ VALUES_PREFIX = "values-rank"
 SHARDING_KEY = "ckptio_sharding"  # {name: {"global_shape": [...], "offsets": [...]}} as JSON
 DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # torch's HF key, so torch's HF reader/consolidator read our files
 _SAFE_GROUP = re.compile(r"^[^/\\]+$")
+_OWN_FILE = re.compile(r"^(rank\d{5}-\d{2}\.safetensors|values-rank\d{5}\.json)$")
 SPLIT_BYTES = 64 << 20  # a group smaller than this is written as one file per rank
 
 
@@ -415,9 +416,14 @@ class SafetensorsFormat(Format):
         return ForeignReader(backend, path, md, entries, **options)
 
     def detect(self, backend: Backend, path: str) -> bool:
-        if backend.exists(backend.join(path, INDEX_NAME)) or backend.exists(backend.join(path, SINGLE_NAME)):
+        """A foreign HF-style directory. ckptio's own files without a manifest are an interrupted
+        save (on object stores data lands in place before the manifest): never load those."""
+        names = backend.listdir(path)
+        if any(_OWN_FILE.match(n) for n in names):
+            return False
+        if INDEX_NAME in names or SINGLE_NAME in names:
             return True
-        return any(n.endswith(".safetensors") for n in backend.listdir(path))
+        return any(n.endswith(".safetensors") for n in names)
 
     def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
         where = backend.url(path)
