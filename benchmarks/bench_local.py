@@ -344,6 +344,14 @@ def build_report(
         f"Python {facts.get('python')}, torch {facts.get('torch')}, safetensors {facts.get('safetensors')}, "
         f"ckptio {facts.get('ckptio')}.\n"
     )
+    loads = [s["loadavg_med"] for s in summ.values() if s.get("loadavg_med") is not None]
+    cpus = facts.get("cpus") or 1
+    if loads and statistics.median(loads) > cpus:
+        lines.append(
+            f"> **WARNING: heavy background load** (median 1-min load average {statistics.median(loads):.1f} on "
+            f"{cpus} CPUs during the timed regions). Absolute numbers are far below this machine's quiet-time "
+            "limits, and ratios are noisy. Re-run on a quiet machine before drawing conclusions.\n"
+        )
     lines.append(
         f"State dict: {facts['tensors']} tensors, {facts['bytes'] / C.GB:.3f} GB (scale {args.scale}); "
         f"{args.reps} repetitions per row, each in a fresh process; torch threads: {facts.get('torch_threads')}; "
@@ -561,10 +569,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-write", action="store_true", help="print only, do not write benchmarks/results/local.*"
     )
+    p.add_argument("--from-json", type=Path, help="re-render the report from a local.json of an earlier run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
+    if args.from_json:  # re-render the report of an earlier run
+        data = json.loads(args.from_json.read_text())
+        args.scale, args.reps = data["args"]["scale"], data["args"]["reps"]
+        md, _, _ = build_report(data["facts"], data["summary"], args, data["elapsed_s"])
+        print(md)
+        if not args.no_write:
+            C.write_results("local", md, data)
+        return 0
 
     only = {x.strip() for x in args.only.split(",") if x.strip()}
 
