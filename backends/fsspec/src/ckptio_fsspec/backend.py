@@ -214,6 +214,8 @@ class FsspecBackend(Backend):
             yield f
 
     def read_bytes(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        if length == 0:  # an empty range (e.g. an empty FSDP shard); S3 would answer with the whole object
+            return b""
         if length is not None and length > self.read_chunk_size:
             out = bytearray(length)
             self.read_into(path, offset, memoryview(out))
