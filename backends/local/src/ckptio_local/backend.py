@@ -9,7 +9,9 @@ mode is ``rename``: a checkpoint directory appears under its final name in one `
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import io
 import os
 import shutil
 import uuid
@@ -41,6 +43,59 @@ def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
         raise exc_info[1]
 
 
+def _load_sync_file_range() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+class _WriteBehind(io.RawIOBase):
+    """A file that starts writeback of each ``window`` of bytes as soon as it is written.
+
+    A plain write-then-fsync copies everything into the page cache first and only then waits for
+    the disk, so a durable save costs copy time *plus* disk time. Kicking off writeback per window
+    (``sync_file_range``) overlaps the two, and waiting for the window before last bounds the
+    dirty memory a save leaves behind to about two windows per file.
+    """
+
+    def __init__(self, f: Any, window: int = 32 << 20) -> None:
+        super().__init__()
+        self._f = f
+        self._fd = f.fileno()
+        self._window = window
+        self._pos = 0
+        self._submitted = 0
+        self._previous: tuple[int, int] | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += self._f.write(view[done:])
+        self._pos += done
+        if _sync_file_range is not None and self._pos - self._submitted >= self._window:
+            start, length = self._submitted, self._pos - self._submitted
+            _sync_file_range(self._fd, start, length, _SFR_WRITE)
+            if self._previous is not None:
+                _sync_file_range(self._fd, *self._previous, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+            self._previous = (start, length)
+            self._submitted = self._pos
+        return done
+
+
 class LocalBackend(Backend):
     """Files on a local or shared POSIX file system.
 
@@ -60,7 +115,7 @@ class LocalBackend(Backend):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             f = open(path, "wb", buffering=0)
         try:
-            yield f  # type: ignore[misc]
+            yield _WriteBehind(f) if self.fsync else f  # type: ignore[misc]
             with _os_errors(path):
                 if self.fsync:
                     os.fsync(f.fileno())

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.storage import StorageReader, WriteResult
 
 from .._buffers import as_cpu_contiguous, tensor_memoryview
 from ..backend import Backend
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, InvalidURLError, UnsafeCheckpointError
 from ..hookspecs import hookimpl
 from ..manifest import Manifest
 from ..serialization import MAX_BYTES, dtype_name, parse_dtype
@@ -54,6 +54,9 @@ from .base import Format, FormatWriter, TensorEntry
 
 DEFAULT_WRITE_THREADS = 2
 DEFAULT_READ_THREADS = 4
+#: Checksums cover blocks of this size, so big tensors are read and verified in parallel pieces,
+#: each hashed while it is still in the CPU cache.
+BLOCK = 16 << 20
 _MAX_DIM = 1 << 62
 
 
@@ -66,11 +69,27 @@ class _Entry:
     file: str
     pos: int
     length: int
-    xxh3: str | None
+    xxh3: tuple[str, ...] | None  # one xxh3-64 per BLOCK bytes
+
+    def blocks(self) -> range:
+        return range(max(1, -(-self.length // BLOCK)))
 
 
 def _hash(buf: memoryview | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(buf)
+
+
+def _parse_hashes(value: Any, length: int, where: str, fqn: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    hashes = (value,) if isinstance(value, str) else value
+    if (
+        not isinstance(hashes, (list, tuple))
+        or not all(isinstance(h, str) for h in hashes)
+        or len(hashes) != max(1, -(-length // BLOCK))
+    ):
+        raise CorruptCheckpointError(f"{where}: bad checksum list for {fqn!r}")
+    return tuple(hashes)
 
 
 # -- writer --------------------------------------------------------------------------------
@@ -102,8 +121,13 @@ class NativeWriter(FormatWriter):
                     t = as_cpu_contiguous(data)
                     buf = tensor_memoryview(t)
                     info = {"kind": "tensor"}
-                f.write(buf)
-                info.update(file=name, pos=pos, length=len(buf), xxh3=_hash(buf))
+                mv = memoryview(buf)
+                hashes = []
+                for off in range(0, max(1, len(mv)), BLOCK):
+                    block = mv[off : off + BLOCK]
+                    f.write(block)
+                    hashes.append(_hash(block))
+                info.update(file=name, pos=pos, length=len(buf), xxh3=hashes)
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf), storage_data=info))
                 pos += len(buf)
         if results:
@@ -178,7 +202,24 @@ def _int_list(x: Any, where: str) -> tuple[int, ...]:
 def metadata_from_json(
     fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str
 ) -> tuple[Metadata, dict]:
-    """Rebuild DCP ``Metadata`` and the chunk table, checking every number against the files."""
+    """Rebuild DCP ``Metadata`` and the chunk table, checking every number against the files.
+
+    The checks below name what they reject; anything a hostile manifest slips past them with the
+    wrong JSON type (a list where a name belongs...) still ends as a :class:`CorruptCheckpointError`.
+    """
+    try:
+        return _metadata_from_json(fm, files, where)
+    except CorruptCheckpointError:
+        raise
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        raise CorruptCheckpointError(
+            f"{where}: native metadata is malformed ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _metadata_from_json(
+    fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str
+) -> tuple[Metadata, dict]:
     try:
         dcp = fm["dcp"]
         state = dcp["state"]
@@ -225,6 +266,10 @@ def metadata_from_json(
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pos, length)):
                 raise TypeError("pos/length")
             join_path("/x", file)
+        except InvalidURLError as exc:
+            raise UnsafeCheckpointError(
+                f"{where}: file name {file!r} escapes the checkpoint", path=where
+            ) from exc
         except Exception as exc:
             raise CorruptCheckpointError(f"{where}: malformed storage entry ({exc})") from exc
         m = sdm.get(fqn)
@@ -244,12 +289,21 @@ def metadata_from_json(
                     f"{where}: stored length of {fqn!r} does not match its shape and dtype"
                 )
             entry = _Entry(
-                fqn, offsets, tuple(chunk.sizes), m.properties.dtype, file, pos, length, s.get("xxh3")
+                fqn,
+                offsets,
+                tuple(chunk.sizes),
+                m.properties.dtype,
+                file,
+                pos,
+                length,
+                _parse_hashes(s.get("xxh3"), length, where, fqn),
             )
         else:
             if length > MAX_BYTES:
                 raise CorruptCheckpointError(f"{where}: value {fqn!r} is {length} bytes, refusing")
-            entry = _Entry(fqn, None, None, None, file, pos, length, s.get("xxh3"))
+            entry = _Entry(
+                fqn, None, None, None, file, pos, length, _parse_hashes(s.get("xxh3"), length, where, fqn)
+            )
         entries[(fqn, offsets)] = entry
     for fqn, m in sdm.items():
         keys = (
@@ -317,14 +371,35 @@ class NativeReader(StorageReader):
         return False
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
-        items = sorted(plan.items, key=lambda r: self._entry(r).file + f"{self._entry(r).pos:020d}")
-        if self.thread_count == 1 or len(items) <= 1:
-            for it in items:
-                self._read_item(it, planner)
+        """Read every item; chunks that land whole in a contiguous destination are read straight
+        into it, block by block in parallel (each block hashed while hot in cache); the rest
+        (resharding, dtype or device changes) go through one temporary per chunk."""
+        direct: list[tuple[ReadItem, torch.Tensor]] = []
+        tasks: list[Any] = []
+        for req in sorted(plan.items, key=lambda r: (self._entry(r).file, self._entry(r).pos)):
+            e = self._entry(req)
+            if req.type == LoadItemType.BYTE_IO:
+                tasks.append((self._read_bytes_item, req, e, planner))
+                continue
+            assert e.sizes is not None and e.dtype is not None
+            dst = planner.resolve_tensor(req)
+            whole = tuple(req.lengths) == e.sizes and not any(req.storage_offsets)
+            if whole and dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == e.dtype:
+                direct.append((req, dst))
+                view = tensor_memoryview(dst)
+                tasks.extend((self._read_block, e, view, k) for k in e.blocks())
+            else:
+                tasks.append((self._read_resharded, req, e, dst, planner))
+            self.bytes_read += e.length
+        if self.thread_count == 1 or len(tasks) <= 1:
+            for fn, *args in tasks:
+                fn(*args)
         else:
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-read") as pool:
-                for f in [pool.submit(self._read_item, it, planner) for it in items]:
+                for f in [pool.submit(fn, *args) for fn, *args in tasks]:
                     f.result()
+        for req, dst in direct:
+            planner.commit_tensor(req, dst)
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut
@@ -333,47 +408,49 @@ class NativeReader(StorageReader):
         off = tuple(req.storage_index.offset) if req.storage_index.offset is not None else None
         return self.entries[(req.storage_index.fqn, off)]
 
-    def _check(self, e: _Entry, buf: memoryview | bytes) -> None:
-        if self.verify and e.xxh3 is not None and _hash(buf) != e.xxh3:
+    def _read_block(self, e: _Entry, view: memoryview, k: int) -> None:
+        piece = view[k * BLOCK : (k + 1) * BLOCK]
+        fpath = self.backend.join(self.path, e.file)
+        self.backend.read_into(fpath, e.pos + k * BLOCK, piece)
+        if self.verify and e.xxh3 is not None and _hash(piece) != e.xxh3[k]:
+            url = self.backend.url(fpath)
             raise CorruptCheckpointError(
-                f"checksum mismatch in {self.backend.url(self.backend.join(self.path, e.file))} "
-                f"(tensor {e.fqn!r}): the file is damaged",
-                path=self.backend.url(self.backend.join(self.path, e.file)),
+                f"checksum mismatch in {url} (tensor {e.fqn!r}): the file is damaged", path=url
             )
 
-    def _read_item(self, req: ReadItem, planner: LoadPlanner) -> None:
-        e = self._entry(req)
+    def _read_bytes_item(self, req: ReadItem, e: _Entry, planner: LoadPlanner) -> None:
         fpath = self.backend.join(self.path, e.file)
-        if req.type == LoadItemType.BYTE_IO:
-            data = self.backend.read_bytes(fpath, e.pos, e.length)
-            if len(data) != e.length:
-                raise CorruptCheckpointError(
-                    f"{self.backend.url(fpath)} is truncated", path=self.backend.url(fpath)
-                )
-            self._check(e, data)
-            with self._lock:
-                planner.load_bytes(req, io.BytesIO(data))
-                self.bytes_read += e.length
-            return
-        assert e.sizes is not None and e.dtype is not None
-        dst = planner.resolve_tensor(req)
-        whole = tuple(req.lengths) == e.sizes and not any(req.storage_offsets)
-        if whole and dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == e.dtype:
-            view = tensor_memoryview(dst)
-            self.backend.read_into(fpath, e.pos, view)
-            self._check(e, view)
-        else:
-            tmp = torch.empty(e.sizes, dtype=e.dtype)
-            view = tensor_memoryview(tmp)
-            self.backend.read_into(fpath, e.pos, view)
-            self._check(e, view)
-            src = tmp
-            for dim, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
-                src = src.narrow(dim, o, n)
-            dst.copy_(src)
-        planner.commit_tensor(req, dst)
+        data = self.backend.read_bytes(fpath, e.pos, e.length)
+        if len(data) != e.length:
+            raise CorruptCheckpointError(
+                f"{self.backend.url(fpath)} is truncated", path=self.backend.url(fpath)
+            )
+        self._read_block_check(e, memoryview(data))
         with self._lock:
-            self.bytes_read += e.length
+            planner.load_bytes(req, io.BytesIO(data))
+
+    def _read_block_check(self, e: _Entry, view: memoryview) -> None:
+        if not self.verify or e.xxh3 is None:
+            return
+        for k in e.blocks():
+            if _hash(view[k * BLOCK : (k + 1) * BLOCK]) != e.xxh3[k]:
+                url = self.backend.url(self.backend.join(self.path, e.file))
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in {url} (tensor {e.fqn!r}): the file is damaged", path=url
+                )
+
+    def _read_resharded(self, req: ReadItem, e: _Entry, dst: torch.Tensor, planner: LoadPlanner) -> None:
+        assert e.sizes is not None and e.dtype is not None
+        tmp = torch.empty(e.sizes, dtype=e.dtype)
+        view = tensor_memoryview(tmp)
+        for k in e.blocks():
+            self._read_block(e, view, k)
+        src = tmp
+        for dim, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+            src = src.narrow(dim, o, n)
+        dst.copy_(src)
+        with self._lock:
+            planner.commit_tensor(req, dst)
 
 
 class NativeFormat(Format):
@@ -405,8 +482,12 @@ class NativeFormat(Format):
         checked = 0
         for e in _sorted_entries(entries.values()):
             fpath = backend.join(path, e.file)
-            data = backend.read_bytes(fpath, e.pos, e.length)
-            if len(data) != e.length or (e.xxh3 is not None and _hash(data) != e.xxh3):
+            ok = True
+            for k in e.blocks():
+                length = min(BLOCK, e.length - k * BLOCK)
+                data = backend.read_bytes(fpath, e.pos + k * BLOCK, length)
+                ok = ok and len(data) == length and (e.xxh3 is None or _hash(data) == e.xxh3[k])
+            if not ok:
                 raise CorruptCheckpointError(
                     f"checksum mismatch in {backend.url(fpath)} (tensor {e.fqn!r}): the file is damaged",
                     path=backend.url(fpath),
