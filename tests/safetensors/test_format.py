@@ -153,7 +153,8 @@ def test_band_reads_when_resharding_without_verification(tmp_path: Path) -> None
     t = torch.randn(64, 8, 4)
     ckptio.save({"t": t}, f"safetensors+file://{tmp_path}/ck")
     u, backend = open_backend(str(tmp_path / "ck"))
-    reader = fmt.SafetensorsReader(backend, u.path, read_manifest(backend, u.path), verify=False)
+    md, chunks = fmt.manifest_metadata(read_manifest(backend, u.path), "test")
+    reader = fmt.SafetensorsReader(backend, u.path, md, chunks, verify=False)
 
     class Planner:
         out = torch.zeros(10, 8, 2)
@@ -173,7 +174,7 @@ def test_band_reads_when_resharding_without_verification(tmp_path: Path) -> None
         torch.Size([10, 8, 2]),
     )
     planner = Planner()
-    reader._read_item(req, planner)  # type: ignore[arg-type]
+    reader._read(req, reader._chunk(req), planner.resolve_tensor(req))
     assert torch.equal(planner.out, t[20:30, :, 1:3])
     assert reader.bytes_read == 10 * 8 * 4 * 4  # only the band of rows
 

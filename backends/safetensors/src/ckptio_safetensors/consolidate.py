@@ -26,7 +26,7 @@ import collections
 import json
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,12 +36,12 @@ from ckptio._buffers import tensor_memoryview
 from ckptio.backend import Backend
 from ckptio.checkpoint import open_backend, read_manifest, staging_path
 from ckptio.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ckptio.formats.native import _Entry, metadata_from_json
+from ckptio.formats import native as _native
 from ckptio.url import parse_url
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ._header import HeaderEntry, encode_header, layout, read_header, stream_tensors
-from .format import foreign_metadata, hf_files
+from .format import Chunk, foreign_metadata, hf_files, manifest_metadata
 from .hf import (
     HF_METADATA,
     INDEX_NAME,
@@ -58,7 +58,7 @@ class SourceTensor:
     """A tensor of the source: global metadata and the stored chunks that make it up."""
 
     meta: TensorStorageMetadata
-    chunks: list[_Entry]
+    chunks: list[Chunk]
 
 
 @dataclass
@@ -66,24 +66,36 @@ class Source:
     backend: Backend
     path: str
     tensors: dict[str, SourceTensor]
+    #: checksums of native-format chunks (one per block, or one string in older checkpoints)
+    native_hashes: dict[tuple[str, tuple[int, ...] | None], Any] = field(default_factory=dict)
 
 
 def _open_source(url: str, group: str | None, storage_options: dict[str, Any] | None) -> Source:
     u, backend = open_backend(url, storage_options)
     manifest = read_manifest(backend, u.path)
+    native_hashes: dict[tuple[str, tuple[int, ...] | None], Any] = {}
     if manifest is None:
         if not backend.listdir(u.path):
             raise CheckpointNotFoundError(f"no checkpoint at {u}")
         md, entries = foreign_metadata(backend, u.path)
         names = {fqn: fqn for fqn in md.state_dict_metadata}
-    elif manifest.format in ("safetensors", "native"):
-        md, entries = metadata_from_json(manifest.format_metadata, manifest.files, backend.url(u.path))
+    elif manifest.format == "safetensors":
+        md, entries = manifest_metadata(manifest, backend.url(u.path))
+        names = _select_group(manifest, md, group)
+    elif manifest.format == "native":
+        md, native_entries = _native.metadata_from_json(
+            manifest.format_metadata, manifest.files, backend.url(u.path)
+        )
+        entries = {}
+        for key, e in native_entries.items():
+            entries[key] = Chunk(e.fqn, e.offsets, e.sizes, e.dtype, e.file, e.pos, e.length, None)
+            native_hashes[key] = e.xxh3
         names = _select_group(manifest, md, group)
     else:
         raise CheckpointError(
             f"{u} is a {manifest.format!r} checkpoint; consolidation reads safetensors or native ones"
         )
-    by_fqn: dict[str, list[_Entry]] = collections.defaultdict(list)
+    by_fqn: dict[str, list[Chunk]] = collections.defaultdict(list)
     for e in entries.values():
         by_fqn[e.fqn].append(e)
     tensors = {}
@@ -93,7 +105,7 @@ def _open_source(url: str, group: str | None, storage_options: dict[str, Any] | 
             tensors[out_name] = SourceTensor(m, by_fqn[fqn])
     if not tensors:
         raise CheckpointError(f"{u} holds no tensors{f' in group {group!r}' if group else ''} to consolidate")
-    return Source(backend, u.path, tensors)
+    return Source(backend, u.path, tensors, native_hashes)
 
 
 def _select_group(manifest: Any, md: Any, group: str | None) -> dict[str, str]:
@@ -165,16 +177,30 @@ class _Assembler:
                 region.copy_(tmp)
         return full if full.dtype == dtype else full.to(dtype)
 
-    def _read(self, fpath: str, e: _Entry, view: memoryview) -> None:
+    def _read(self, fpath: str, e: Chunk, view: memoryview) -> None:
         if len(view) != e.length:
             raise CorruptCheckpointError(f"{e.fqn!r}: stored length {e.length} does not match its shape")
         if len(view):
             self.src.backend.read_into(fpath, e.pos, view)
-        if self.verify and e.xxh3 is not None and xxhash.xxh3_64_hexdigest(view) != e.xxh3:
+        if self.verify and not _hash_ok(view, e.xxh3 or self.src.native_hashes.get((e.fqn, e.offsets))):
             where = self.src.backend.url(fpath)
             raise CorruptCheckpointError(
                 f"checksum mismatch in {where} (tensor {e.fqn!r}): the file is damaged", path=where
             )
+
+
+def _hash_ok(view: memoryview, expected: Any) -> bool:
+    """Check a chunk against its xxh3-64: one digest of the whole chunk, or (native checkpoints)
+    one per ``BLOCK`` bytes."""
+    if expected is None:
+        return True
+    if isinstance(expected, str):
+        return xxhash.xxh3_64_hexdigest(view) == expected
+    block = int(getattr(_native, "BLOCK", 0)) or len(view) or 1
+    pieces = [view[k : k + block] for k in range(0, max(1, len(view)), block)]
+    return len(pieces) == len(expected) and all(
+        xxhash.xxh3_64_hexdigest(p) == h for p, h in zip(pieces, expected)
+    )
 
 
 class _Window:

@@ -13,22 +13,19 @@ import io
 import json
 import math
 import re
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import xxhash
+from ckptio._buffers import tensor_memoryview
 from ckptio.backend import Backend
 from ckptio.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ckptio.formats.base import Format, FormatWriter, TensorEntry
-from ckptio.formats.native import (
-    NativeReader,
-    _Entry,
-    _split_by_size,
-    metadata_from_json,
-    metadata_to_json,
-)
+from ckptio.formats.native import _split_by_size, metadata_from_json, metadata_to_json
 from ckptio.manifest import Manifest
 from ckptio.serialization import dtype_name
 from torch.distributed.checkpoint.metadata import (
@@ -45,7 +42,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.checkpoint.storage import StorageReader, WriteResult
 
 from ._buffers import band_read
 from ._header import encode_header, layout, read_header, stream_tensors
@@ -253,53 +250,164 @@ class SafetensorsWriter(FormatWriter):
 
 
 # -- readers -------------------------------------------------------------------------------
-class SafetensorsReader(NativeReader):
-    """Reads chunks straight into destination tensors (native machinery); when resharding, reads
-    only the band of rows a destination needs unless a checksum has to be verified."""
+@dataclass(frozen=True)
+class Chunk:
+    """One stored chunk: where its bytes lie and their xxh3-64 (``None`` for foreign files)."""
 
-    def _read_item(self, req: ReadItem, planner: LoadPlanner) -> None:
-        if req.type == LoadItemType.BYTE_IO:
-            return super()._read_item(req, planner)
-        e = self._entry(req)
-        assert e.sizes is not None and e.dtype is not None
-        whole = tuple(req.lengths) == e.sizes and not any(req.storage_offsets)
-        if whole or (self.verify and e.xxh3 is not None) or not e.sizes:
-            return super()._read_item(req, planner)
-        dst = planner.resolve_tensor(req)
-        src, nbytes = band_read(
-            self.backend,
-            self.backend.join(self.path, e.file),
-            e.pos,
-            e.dtype,
-            e.sizes,
-            tuple(req.storage_offsets),
-            tuple(req.lengths),
-        )
-        dst.copy_(src)
-        planner.commit_tensor(req, dst)
-        with self._lock:
-            self.bytes_read += nbytes
-        return None
+    fqn: str
+    offsets: tuple[int, ...] | None  # None for a non-tensor value
+    sizes: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    file: str
+    pos: int
+    length: int
+    xxh3: str | None
 
 
-class ForeignReader(SafetensorsReader):
-    """Reads a directory written by another tool (``save_pretrained``, torch's HF writer):
-    metadata comes from the safetensors headers, chunk offsets from ``DCP_SHARDING_INFO`` (or
-    ckptio's own key) when present, else each tensor is whole."""
+ChunkTable = dict[tuple[str, tuple[int, ...] | None], Chunk]
+
+
+def manifest_metadata(manifest: Manifest, where: str) -> tuple[Metadata, ChunkTable]:
+    """DCP ``Metadata`` and the chunk table from a manifest.
+
+    The core's checked parser validates every number (shapes, chunk coverage, byte ranges within
+    the files); the whole-chunk checksums, which are this format's own, are checked here.
+    """
+    fm = manifest.format_metadata
+    storage = fm.get("storage") if isinstance(fm, dict) else None
+    if not isinstance(storage, list) or not all(isinstance(x, dict) for x in storage):
+        raise CorruptCheckpointError(f"{where}: safetensors metadata is malformed (storage)")
+    stripped = {**fm, "storage": [{k: v for k, v in x.items() if k != "xxh3"} for x in storage]}
+    md, entries = metadata_from_json(stripped, manifest.files, where)
+    hashes: dict[tuple[str, tuple[int, ...] | None], str | None] = {}
+    for x in storage:
+        h = x.get("xxh3")
+        if h is not None and not isinstance(h, str):
+            raise CorruptCheckpointError(f"{where}: bad checksum for {x.get('fqn')!r}")
+        off = x.get("offsets")
+        hashes[(x["fqn"], tuple(off) if isinstance(off, list) else None)] = h
+    table: ChunkTable = {}
+    for key, e in entries.items():
+        table[key] = Chunk(e.fqn, e.offsets, e.sizes, e.dtype, e.file, e.pos, e.length, hashes.get(key))
+    md.storage_data = table
+    return md, table
+
+
+class SafetensorsReader(StorageReader):
+    """Fills DCP's read items from safetensors files through the backend.
+
+    A chunk that lands whole in a contiguous CPU destination is read straight into it; a resharded
+    one is read whole (to check its checksum) or, when there is nothing to check, only its band of
+    rows. Reads run on ``thread_count`` threads; planner callbacks stay on the calling thread.
+    """
 
     def __init__(
-        self, backend: Backend, path: str, metadata: Metadata, entries: dict, **options: Any
+        self, backend: Backend, path: str, metadata: Metadata, chunks: ChunkTable, **options: Any
     ) -> None:
+        super().__init__()
         self.backend = backend
         self.path = path
-        self.manifest = None  # type: ignore[assignment]
+        self.metadata = metadata
+        self.chunks = chunks
         self.verify = bool(options.get("verify", True))
         self.thread_count = max(1, int(options.get("thread_count", 4)))
-        self.metadata, self.entries = metadata, entries
         self.bytes_read = 0
-        import threading
-
         self._lock = threading.Lock()
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        return None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self.metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        return None
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        return plans
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+    def _chunk(self, req: ReadItem) -> Chunk:
+        off = tuple(req.storage_index.offset) if req.storage_index.offset is not None else None
+        return self.chunks[(req.storage_index.fqn, off)]
+
+    def read_data(self, plan: Any, planner: LoadPlanner) -> torch.futures.Future[None]:
+        jobs = []
+        for req in sorted(plan.items, key=lambda r: (self._chunk(r).file, self._chunk(r).pos)):
+            c = self._chunk(req)
+            dst = None if req.type == LoadItemType.BYTE_IO else planner.resolve_tensor(req)
+            jobs.append((req, c, dst))
+        if self.thread_count == 1 or len(jobs) <= 1:
+            done = [self._read(req, c, dst) for req, c, dst in jobs]
+        else:
+            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-st-read") as pool:
+                done = [f.result() for f in [pool.submit(self._read, *job) for job in jobs]]
+        for (req, _c, dst), value in zip(jobs, done):
+            if dst is None:
+                assert value is not None
+                planner.load_bytes(req, io.BytesIO(value))
+            else:
+                planner.commit_tensor(req, dst)
+        fut: torch.futures.Future[None] = torch.futures.Future()
+        fut.set_result(None)
+        return fut
+
+    def _check(self, c: Chunk, buf: memoryview | bytes) -> None:
+        if self.verify and c.xxh3 is not None and xxhash.xxh3_64_hexdigest(buf) != c.xxh3:
+            url = self.backend.url(self.backend.join(self.path, c.file))
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {url} (tensor {c.fqn!r}): the file is damaged", path=url
+            )
+
+    def _read(self, req: ReadItem, c: Chunk, dst: torch.Tensor | None) -> bytes | None:
+        fpath = self.backend.join(self.path, c.file)
+        if dst is None:
+            data = self.backend.read_bytes(fpath, c.pos, c.length)
+            if len(data) != c.length:
+                raise CorruptCheckpointError(
+                    f"{self.backend.url(fpath)} is truncated", path=self.backend.url(fpath)
+                )
+            self._check(c, data)
+            self._count(c.length)
+            return data
+        assert c.sizes is not None and c.dtype is not None
+        whole = tuple(req.lengths) == c.sizes and not any(req.storage_offsets)
+        if whole and dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == c.dtype:
+            view = tensor_memoryview(dst)
+            if len(view):
+                self.backend.read_into(fpath, c.pos, view)
+            self._check(c, view)
+            self._count(c.length)
+            return None
+        if (self.verify and c.xxh3 is not None) or not c.sizes:
+            tmp = torch.empty(c.sizes, dtype=c.dtype)
+            view = tensor_memoryview(tmp)
+            if len(view):
+                self.backend.read_into(fpath, c.pos, view)
+            self._check(c, view)
+            src = tmp
+            for dim, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+                src = src.narrow(dim, o, n)
+            nbytes = c.length
+        else:
+            src, nbytes = band_read(
+                self.backend, fpath, c.pos, c.dtype, c.sizes, tuple(req.storage_offsets), tuple(req.lengths)
+            )
+        dst.copy_(src)
+        self._count(nbytes)
+        return None
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
 
 
 def hf_files(backend: Backend, path: str) -> list[str]:
@@ -333,14 +441,14 @@ def _apply_mapping(name: str, mapping: list[tuple[re.Pattern[str], str]]) -> str
 
 def foreign_metadata(
     backend: Backend, path: str, key_mapping: dict[str, str] | None = None, prefix: str = ""
-) -> tuple[Metadata, dict[tuple[str, tuple[int, ...] | None], _Entry]]:
+) -> tuple[Metadata, ChunkTable]:
     """DCP ``Metadata`` and chunk entries from the headers of an HF-style directory."""
     mapping = [(re.compile(p), r) for p, r in (key_mapping or {}).items()]
     files = hf_files(backend, path)
     if not files:
         raise CorruptCheckpointError(f"{backend.url(path)} holds no .safetensors files")
     chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]] = defaultdict(list)
-    entries: dict[tuple[str, tuple[int, ...] | None], _Entry] = {}
+    entries: ChunkTable = {}
     for f in files:
         fpath = backend.join(path, f)
         hdr = read_header(backend, fpath)
@@ -362,7 +470,7 @@ def foreign_metadata(
             if (fqn, offsets) in entries:
                 raise CorruptCheckpointError(f"{backend.url(path)}: tensor {fqn!r} is stored twice ({f})")
             chunks[fqn].append((offsets, he.shape, he.dtype))
-            entries[(fqn, offsets)] = _Entry(
+            entries[(fqn, offsets)] = Chunk(
                 fqn, offsets, he.shape, he.dtype, f, hdr.data_start + he.begin, he.nbytes, None
             )
     sdm: dict[str, Any] = {}
@@ -410,10 +518,11 @@ class SafetensorsFormat(Format):
         self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
     ) -> SafetensorsReader:
         if manifest is not None:
-            return SafetensorsReader(backend, path, manifest, **options)
-        prefix = _foreign_prefix(backend, path, options)
-        md, entries = foreign_metadata(backend, path, options.get("key_mapping"), prefix)
-        return ForeignReader(backend, path, md, entries, **options)
+            md, chunks = manifest_metadata(manifest, backend.url(path))
+        else:
+            prefix = _foreign_prefix(backend, path, options)
+            md, chunks = foreign_metadata(backend, path, options.get("key_mapping"), prefix)
+        return SafetensorsReader(backend, path, md, chunks, **options)
 
     def detect(self, backend: Backend, path: str) -> bool:
         """A foreign HF-style directory. ckptio's own files without a manifest are an interrupted
@@ -427,7 +536,7 @@ class SafetensorsFormat(Format):
 
     def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
         where = backend.url(path)
-        _, entries = metadata_from_json(manifest.format_metadata, manifest.files, where)
+        _, entries = manifest_metadata(manifest, where)
         headers = {}
         for name, info in manifest.files.items():
             fpath = backend.join(path, name)
@@ -463,7 +572,7 @@ class SafetensorsFormat(Format):
         if manifest is None:
             md, entries = foreign_metadata(backend, path)
         else:
-            md, entries = metadata_from_json(manifest.format_metadata, manifest.files, backend.url(path))
+            md, entries = manifest_metadata(manifest, backend.url(path))
         out = []
         for e in sorted(entries.values(), key=lambda e: (e.file, e.pos)):
             m = md.state_dict_metadata[e.fqn]
@@ -483,4 +592,11 @@ class SafetensorsFormat(Format):
         return out
 
 
-__all__ = ["ForeignReader", "SafetensorsFormat", "SafetensorsReader", "SafetensorsWriter", "foreign_metadata"]
+__all__ = [
+    "Chunk",
+    "SafetensorsFormat",
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "foreign_metadata",
+    "manifest_metadata",
+]
