@@ -52,7 +52,7 @@ unit: setup
 test: lint typecheck unit
 
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py; rc=$$?; $(BIN)/python benchmarks/chart.py; exit $$rc
 
 clean:
 	rm -rf $(VENV) .tools
