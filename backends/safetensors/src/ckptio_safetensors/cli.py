@@ -53,6 +53,9 @@ def run_consolidate(args: argparse.Namespace) -> int:
             dtype_reference=getattr(args, "dtype_reference", None),
             group=getattr(args, "group", None),
             verify=not getattr(args, "no_verify", False),
+            storage_options=sopts
+            if isinstance(sopts := getattr(args, "storage_options", None), dict)
+            else None,
             progress=not getattr(args, "no_progress", False) and not args.json,
         )
     except CheckpointError as exc:
