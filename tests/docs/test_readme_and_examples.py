@@ -24,8 +24,11 @@ BIN = Path(sys.executable).parent
 _BLOCK = re.compile(r"```python\n(# test: (\w+)\n.*?)```", re.S)
 
 
-def readme_blocks(kind: str) -> list[str]:
-    return [code for code, k in _BLOCK.findall(README.read_text()) if k == kind]
+def readme_blocks(kind: str, path: Path = README) -> list[str]:
+    return [code for code, k in _BLOCK.findall(path.read_text()) if k == kind]
+
+
+DOCS = sorted((REPO / "docs").glob("*.md"))
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
@@ -51,6 +54,38 @@ def test_readme_snippets_run(tmp_path: Path) -> None:
     out = _run([sys.executable, "snippets.py"], tmp_path)
     assert "[20, 30]" in out  # the manager block's retention result, as the README says
     assert (tmp_path / "ckpt" / "one" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_docs_snippets_run(tmp_path: Path) -> None:
+    """``# test: run`` blocks in docs/*.md (the backend and addon guides' complete examples)."""
+    ran = 0
+    for doc in DOCS:
+        for i, code in enumerate(readme_blocks("run", doc)):
+            script = tmp_path / f"{doc.stem}_{i}.py"
+            script.write_text(code)
+            _run([sys.executable, script.name], tmp_path)
+            ran += 1
+    assert ran >= 2
+
+
+def test_docs_links_resolve() -> None:
+    for doc in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+    names = {d.name for d in DOCS}
+    assert {"cli.md", "configuration.md", "formats.md", "commit-protocol.md"} <= names
+    assert {"writing-a-backend.md", "writing-an-addon.md"} <= names
+
+
+def test_cli_doc_lists_every_subcommand_and_exit_code() -> None:
+    from ckptio import cli
+
+    text = (REPO / "docs" / "cli.md").read_text()
+    for name in ("plugins", "ls", "inspect", "verify", "cp", "consolidate", "rm", "demo"):
+        assert f"ckptio {name}" in text
+    for code in cli.EXIT_CODES:
+        assert f"| {code} |" in text
 
 
 @pytest.mark.servers
