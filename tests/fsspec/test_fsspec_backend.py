@@ -91,7 +91,7 @@ def test_safetensors_on_s3(s3_server: Any, s3_bucket: str) -> None:
 
 def test_multipart_parallel_bounded_memory_and_abort(s3_server: Any, s3_bucket: str) -> None:
     """A 64 MiB stream becomes 13 parts of 5 MiB; Python-side memory stays bounded by the part size and
-    concurrency (the part buffers plus botocore's copy of each part in flight), not by the file size;
+    concurrency (the filling buffer, each part in flight and botocore's copies of it), not by the file size;
     a body that raises leaves neither an object nor a pending multipart upload."""
     _, be = open_backend(
         f"s3://{s3_bucket}", dict(s3_server.storage_options(), part_size=5 * MiB, concurrency=2)
@@ -104,7 +104,7 @@ def test_multipart_parallel_bounded_memory_and_abort(s3_server: Any, s3_bucket: 
             f.write(memoryview(payload)[i : i + 3 * MiB])
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    assert peak < 5 * MiB * (2 * 2 + 3), f"peak {peak / MiB:.1f} MiB"
+    assert peak < 5 * MiB * (3 * 2 + 3), f"peak {peak / MiB:.1f} MiB"
     assert be.size(f"{s3_bucket}/big.bin") == len(payload)
     out = bytearray(len(payload))
     be.read_into(f"{s3_bucket}/big.bin", 0, memoryview(out))

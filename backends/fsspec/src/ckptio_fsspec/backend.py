@@ -9,7 +9,7 @@ Data paths are where the time goes, so they bypass fsspec's buffered file object
 * **writes** (:meth:`FsspecBackend.open_write`) on ``s3://`` cut the stream into ``part_size``
   parts uploaded in parallel as an S3 multipart upload (:mod:`ckptio_fsspec.s3`); at most
   ``concurrency`` parts are in flight per backend, so memory stays near
-  ``part_size x (concurrency + open writers)`` whatever the size written. Other protocols stream
+  ``part_size x (2 x concurrency + open writers)`` whatever the size written (see ``s3.py``). Other protocols stream
   through the driver's own buffered writer with ``block_size=part_size`` (gcsfs resumable upload,
   adlfs block upload), which is sequential but bounded.
 * **reads** (:meth:`FsspecBackend.read_into`) split a range into ``read_chunk_size`` pieces fetched

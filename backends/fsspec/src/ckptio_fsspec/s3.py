@@ -3,8 +3,9 @@
 s3fs's own writer uploads one block at a time; a checkpoint file is hundreds of MiB, so this
 writer fills ``part_size`` buffers and uploads each as a part on s3fs's event loop while the caller
 keeps writing. A backend-wide semaphore allows ``concurrency`` parts in flight: when the store is
-slower than the writer, ``write()`` blocks, so memory is bounded by
-``part_size x (concurrency + 1)`` per open writer at most, and buffers are recycled.
+slower than the writer, ``write()`` blocks, so memory is bounded by the parts in flight (each
+copied once to ``bytes``; botocore may hold another copy while sending) plus one filling buffer per
+open writer: about ``part_size x (2 x concurrency + writers)``, whatever the file size.
 
 A file smaller than one part is sent with a single ``PutObject``. When the body of
 ``open_write`` raises, pending parts are cancelled and the upload is aborted, so nothing appears.
@@ -97,9 +98,14 @@ class S3MultipartWriter(io.RawIOBase):
         self.buf, self.fill, self.next_part = None, 0, num + 1
         self.backend._slots.acquire()  # bounded memory: wait while `concurrency` parts are in flight
 
+        # botocore sends a bytearray body as a chunked stream with a trailing checksum, which
+        # servers (moto markedly) handle far slower than a plain bytes body: copy once to bytes and
+        # recycle the buffer at once, so memory is still one part per slot plus the filling buffer.
+        body = bytes(memoryview(buf)[:size])
+        self.backend.give_buffer(buf)
+
         async def upload() -> None:
             s3 = await self._s3()
-            body = bytes(memoryview(buf)[:size]) if size < len(buf) else buf
             resp = await self._retry(
                 f"upload part {num} of",
                 lambda: s3.upload_part(
@@ -113,7 +119,6 @@ class S3MultipartWriter(io.RawIOBase):
 
         def done(f: concurrent.futures.Future[None]) -> None:
             self.backend._slots.release()
-            self.backend.give_buffer(buf)
             if not f.cancelled() and f.exception() is not None and self.failed is None:
                 self.failed = f.exception()
 
