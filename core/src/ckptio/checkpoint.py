@@ -84,7 +84,12 @@ def open_backend(url: str | URL, storage_options: dict[str, Any] | None = None) 
     """Parse ``url`` and build the backend that serves its scheme."""
     u = parse_url(url)
     factory = backend_factory(u.scheme)
-    return u, factory(u, **(storage_options or {}))
+    try:
+        return u, factory(u, **(storage_options or {}))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a backend's client library refusing its options (bad credentials...)
+        raise translate(exc, f"opening the {u.scheme}:// backend for {u}") from exc
 
 
 def staging_path(backend: Backend, path: str) -> str:

@@ -173,8 +173,38 @@ class CheckpointManager:
                     f"background save of step {step} to {self.url_of(step)} failed: {exc}"
                 ) from exc
 
+    def _recover_replaced(self, busy: set[int]) -> None:
+        """Finish replacing a committed step when a crash cut the replacement between its renames.
+
+        Saving over committed ``step_N`` moves it aside to ``.step_N.ckptio-old``, then renames the
+        complete new copy into place. A crash in between leaves no ``step_N``, possibly the only
+        good checkpoint: roll forward when the new copy has its manifest, else roll back.
+        """
+        if self.backend.commit_mode != "rename":
+            return
+        names = set(self.backend.listdir(self.root.path))
+        for name in sorted(names):
+            final = name.lstrip(".").removesuffix(OLD_SUFFIX)
+            m = _STEP_RE.match(final)
+            if not name.endswith(OLD_SUFFIX) or not m or final in names or int(m.group(1)) in busy:
+                continue
+            partial = f".{final}{PARTIAL_SUFFIX}"
+            for src in (partial, name):
+                if src in names and self.backend.exists(
+                    self.backend.join(self.root.path, src, MANIFEST_NAME)
+                ):
+                    try:
+                        self.backend.rename(
+                            self.backend.join(self.root.path, src), self.backend.join(self.root.path, final)
+                        )
+                        log.warning("recovered %s from %s (a save over it was interrupted)", final, src)
+                    except CheckpointError as exc:
+                        log.warning("could not recover %s from %s: %s", final, src, exc)
+                    break
+
     def _cleanup_partials(self, keep: set[int]) -> None:
         def clean() -> None:
+            self._recover_replaced(keep)
             for name in self.backend.listdir(self.root.path):
                 base = name.lstrip(".").removesuffix(PARTIAL_SUFFIX).removesuffix(OLD_SUFFIX)
                 m = _STEP_RE.match(base)
@@ -339,6 +369,7 @@ class CheckpointManager:
     ) -> LoadResult:
         """Load ``step`` (default: the newest committed one) into ``state`` in place."""
         self.wait()
+        _dist.on_coordinator(lambda: self._recover_replaced(set()), self.process_group)
         if step in ("latest", None):
             resolved = self.latest_step()
             if resolved is None:

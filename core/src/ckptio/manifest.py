@@ -76,7 +76,18 @@ class Manifest:
             m = cls(**body)
         except TypeError as exc:
             raise CorruptCheckpointError(f"{where}: unexpected manifest fields ({exc})", path=where) from exc
-        if not isinstance(m.format, str) or not isinstance(m.files, dict):
+        if not (
+            isinstance(m.format, str)
+            and isinstance(m.files, dict)
+            and isinstance(m.format_metadata, dict)
+            and isinstance(m.world_size, int)
+            and (m.step is None or (isinstance(m.step, int) and not isinstance(m.step, bool)))
+            and isinstance(m.metrics, dict)
+            and isinstance(m.addons, list)
+            and all(isinstance(a, str) for a in m.addons)
+            and isinstance(m.user, dict)
+            and isinstance(m.created, (int, float))
+        ):
             raise CorruptCheckpointError(f"{where}: manifest fields have the wrong types", path=where)
         for name, info in m.files.items():
             try:

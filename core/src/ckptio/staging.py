@@ -9,10 +9,39 @@ cost of a second save's blocking part: one ``copy_`` per tensor, no allocation, 
 from __future__ import annotations
 
 import copy
+import ctypes
+import math
+import sys
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+
+_HUGE = 2 << 20  # x86-64 transparent huge page size
+_MADV_HUGEPAGE = 14
+
+
+def _huge_page_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory is advised to use transparent huge pages.
+
+    The first copy into a fresh buffer is bound by page faults (about 1.5 GB/s with 4 KiB pages on
+    a VM, several times faster with 2 MiB pages where THP is in ``madvise`` mode), and huge pages
+    also cut TLB misses on every later copy. Small tensors and non-Linux hosts get plain memory.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 4 * _HUGE or not sys.platform.startswith("linux"):
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % _HUGE
+    region = raw[start : start + nbytes]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(
+            ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(nbytes - nbytes % _HUGE), _MADV_HUGEPAGE
+        )
+    except (OSError, AttributeError):  # advice only; plain pages work too
+        pass
+    return region.view(dtype).view(shape)
 
 
 class HostStager:
@@ -25,7 +54,10 @@ class HostStager:
     def _buffer(self, key: str, src: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+            if torch.cuda.is_available():
+                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=True)
+            else:
+                buf = _huge_page_empty(src.shape, src.dtype)
             self._buffers[key] = buf
         return buf
 
