@@ -18,6 +18,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -262,10 +263,12 @@ class CheckpointManager:
         from .checkpoint import expand_state
 
         rank, _ = _dist.rank_and_size(self.process_group)
+        t0 = time.perf_counter()
         staged = self._stagers[slot].stage(expand_state(state, rank))
+        staging = time.perf_counter() - t0
         assert self._executor is not None
         fut = self._executor.submit(
-            self._save_now, step, staged, state, metrics, final, metadata, self._bg_group
+            self._save_now, step, staged, state, metrics, final, metadata, self._bg_group, staging
         )
         with self._lock:
             self._stager_busy[slot] = fut
@@ -281,7 +284,11 @@ class CheckpointManager:
         final: bool,
         metadata: dict[str, Any] | None,
         pg: Any,
+        staging: float | None = None,
     ) -> SaveResult:
+        options = dict(self.save_options)
+        if staging is not None:  # a background save: no progress bar over the training output
+            options["progress"] = False
         result, _ = save_checkpoint(
             state,
             self.url_of(step),
@@ -293,8 +300,17 @@ class CheckpointManager:
             user_metadata=metadata,
             is_final=final,
             addon_state=user_state,
-            **self.save_options,
+            **options,
         )
+        if staging is not None:
+            result.timings = {"staging (blocking)": staging, **result.timings}
+            log.info(
+                "async save of step %d: %.2fs blocked in save() staging %.1f MB, then %.2fs in the background",
+                step,
+                staging,
+                self._stagers[0].bytes_staged / 1e6,
+                result.seconds,
+            )
         self._metrics_cache[step] = dict(metrics or {})
 
         def publish() -> None:

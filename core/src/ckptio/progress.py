@@ -75,7 +75,13 @@ class Progress:
     """A progress bar, or a silent stand-in with the same methods when bars are off."""
 
     def __init__(
-        self, total: int | float | None, desc: str, unit: str = "B", *, enable: bool | None = None
+        self,
+        total: int | float | None,
+        desc: str,
+        unit: str = "B",
+        *,
+        enable: bool | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.total = total
         self.desc = desc
@@ -94,6 +100,7 @@ class Progress:
                 dynamic_ncols=True,
                 leave=False,
                 file=sys.stderr,
+                delay=delay,
             )
 
     @property
@@ -120,15 +127,21 @@ class Progress:
 
 @contextmanager
 def progress(
-    total: int | float | None, desc: str, unit: str = "B", *, enable: bool | None = None
+    total: int | float | None,
+    desc: str,
+    unit: str = "B",
+    *,
+    enable: bool | None = None,
+    delay: float = 0.0,
 ) -> Iterator[Progress]:
     """A :class:`Progress` for the duration of a ``with`` block (closed even on error).
 
     :param total: units expected (``None`` when unknown: the bar then counts without a percentage).
     :param unit: ``"B"`` scales to KiB/MiB/GiB; any other unit is shown as counted.
     :param enable: override the automatic decision (``None``: decide with :func:`enabled`).
+    :param delay: show the bar only once the operation has lasted this many seconds.
     """
-    bar = Progress(total, desc, unit, enable=enable)
+    bar = Progress(total, desc, unit, enable=enable, delay=delay)
     try:
         yield bar
     finally:

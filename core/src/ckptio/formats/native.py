@@ -48,6 +48,7 @@ from ..backend import Backend
 from ..errors import CorruptCheckpointError, InvalidURLError, UnsafeCheckpointError
 from ..hookspecs import hookimpl
 from ..manifest import Manifest
+from ..progress import Progress
 from ..serialization import MAX_BYTES, dtype_name, parse_dtype
 from ..url import join_path
 from .base import Format, FormatWriter, TensorEntry
@@ -100,11 +101,16 @@ class NativeWriter(FormatWriter):
         n_threads = max(1, int(self.options.get("thread_count", DEFAULT_WRITE_THREADS)))
         buckets = _split_by_size(items, n_threads)
         names = [f"{prefix}_{k}.bin" for k in range(len(buckets))]
-        if len(buckets) <= 1:
-            return [r for b, n in zip(buckets, names) for r in self._write_file(n, b, planner)]
-        with ThreadPoolExecutor(len(buckets), thread_name_prefix="ckptio-write") as pool:
-            futures = [pool.submit(self._write_file, n, b, planner) for b, n in zip(buckets, names)]
-            return [r for f in futures for r in f.result()]
+        total = sum(_item_size(it) for it in items)
+        self._bar = Progress(total, "ckptio save", enable=_progress_enabled(self.options), delay=2.0)
+        try:
+            if len(buckets) <= 1:
+                return [r for b, n in zip(buckets, names) for r in self._write_file(n, b, planner)]
+            with ThreadPoolExecutor(len(buckets), thread_name_prefix="ckptio-write") as pool:
+                futures = [pool.submit(self._write_file, n, b, planner) for b, n in zip(buckets, names)]
+                return [r for f in futures for r in f.result()]
+        finally:
+            self._bar.close()
 
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         results: list[WriteResult] = []
@@ -127,6 +133,7 @@ class NativeWriter(FormatWriter):
                     block = mv[off : off + BLOCK]
                     f.write(block)
                     hashes.append(_hash(block))
+                    self._bar.update(len(block))
                 info.update(file=name, pos=pos, length=len(buf), xxh3=hashes)
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf), storage_data=info))
                 pos += len(buf)
@@ -156,13 +163,20 @@ class NativeWriter(FormatWriter):
         return {"dcp": metadata_to_json(metadata), "storage": storage}, files
 
 
+def _progress_enabled(options: dict[str, Any]) -> bool | None:
+    """``progress=False`` (background saves) silences the bar; ``None`` lets the terminal decide."""
+    return False if options.get("progress") is False else None
+
+
+def _item_size(it: WriteItem) -> int:
+    if it.tensor_data is None:
+        return 0
+    return math.prod(it.tensor_data.size) * it.tensor_data.properties.dtype.itemsize
+
+
 def _split_by_size(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
     """Greedy balance of items over ``n`` files by byte size (largest first)."""
-
-    def size(it: WriteItem) -> int:
-        if it.tensor_data is None:
-            return 0
-        return math.prod(it.tensor_data.size) * it.tensor_data.properties.dtype.itemsize
+    size = _item_size
 
     buckets: list[list[WriteItem]] = [[] for _ in range(n)]
     loads = [0] * n
@@ -348,6 +362,8 @@ class NativeReader(StorageReader):
         self.metadata, self.entries = metadata_from_json(manifest.format_metadata, manifest.files, where)
         self.bytes_read = 0
         self._lock = threading.Lock()
+        self._progress = _progress_enabled(options)
+        self._bar = Progress(0, "", enable=False)
 
     def reset(self, checkpoint_id: Any = None) -> None:
         return None
@@ -391,13 +407,17 @@ class NativeReader(StorageReader):
             else:
                 tasks.append((self._read_resharded, req, e, dst, planner))
             self.bytes_read += e.length
-        if self.thread_count == 1 or len(tasks) <= 1:
-            for fn, *args in tasks:
-                fn(*args)
-        else:
-            with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-read") as pool:
-                for f in [pool.submit(fn, *args) for fn, *args in tasks]:
-                    f.result()
+        self._bar = Progress(self.bytes_read, "ckptio load", enable=self._progress, delay=2.0)
+        try:
+            if self.thread_count == 1 or len(tasks) <= 1:
+                for fn, *args in tasks:
+                    fn(*args)
+            else:
+                with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-read") as pool:
+                    for f in [pool.submit(fn, *args) for fn, *args in tasks]:
+                        f.result()
+        finally:
+            self._bar.close()
         for req, dst in direct:
             planner.commit_tensor(req, dst)
         fut: torch.futures.Future[None] = torch.futures.Future()
@@ -412,6 +432,7 @@ class NativeReader(StorageReader):
         piece = view[k * BLOCK : (k + 1) * BLOCK]
         fpath = self.backend.join(self.path, e.file)
         self.backend.read_into(fpath, e.pos + k * BLOCK, piece)
+        self._bar.update(len(piece))
         if self.verify and e.xxh3 is not None and _hash(piece) != e.xxh3[k]:
             url = self.backend.url(fpath)
             raise CorruptCheckpointError(
