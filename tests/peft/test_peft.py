@@ -205,10 +205,10 @@ def _fsdp_save(rank: int, world: int, url: str) -> list[str]:
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_fsdp2_two_ranks_gathers_the_adapter_once(tmp_path):
-    from tests.addons._ranks import spawn
+    from tests.e2e._ranks import run_ranks
 
     url = str(tmp_path / "ck")
-    sharded = spawn(_fsdp_save, 2, url)
+    sharded = run_ranks(_fsdp_save, 2, args=(url,))
     assert sharded[0], "the adapter weights should be FSDP2-sharded DTensors"
     loaded = PeftModel.from_pretrained(tiny_llama(), url).eval()
     assert torch.equal(logits(loaded), logits(peft_model(use_dora=True)))

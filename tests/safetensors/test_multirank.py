@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.e2e._ranks import run_ranks
+
 from ._models import build_llama, fsdp_save_and_reload, input_ids, tiny_llama_config
-from ._ranks import run_ranks
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("fsdp2")
-    results = run_ranks(fsdp_save_and_reload, 2, str(root))
+    results = run_ranks(fsdp_save_and_reload, 2, args=(str(root),))
     return root, results
 
 

@@ -31,7 +31,7 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from .formats.base import Format, FormatWriter, TensorEntry
+from .formats.base import Format, FormatReader, FormatWriter, TensorEntry
 from .hookspecs import hookimpl
 from .manager import CheckpointManager
 from .manifest import Manifest
@@ -57,6 +57,7 @@ __all__ = [
     "CorruptCheckpointError",
     "Format",
     "FormatNotFoundError",
+    "FormatReader",
     "FormatWriter",
     "IncompleteCheckpointError",
     "InvalidURLError",

@@ -24,7 +24,7 @@ import xxhash
 from ckptio._buffers import tensor_memoryview
 from ckptio.backend import Backend
 from ckptio.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
-from ckptio.formats.base import Format, FormatWriter, TensorEntry
+from ckptio.formats.base import Format, FormatReader, FormatWriter, TensorEntry
 from ckptio.formats.native import _split_by_size, metadata_from_json, metadata_to_json
 from ckptio.manifest import Manifest
 from ckptio.serialization import dtype_name
@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.checkpoint.storage import StorageReader, WriteResult
+from torch.distributed.checkpoint.storage import WriteResult
 
 from ._buffers import band_read
 from ._header import encode_header, layout, read_header, stream_tensors
@@ -293,7 +293,7 @@ def manifest_metadata(manifest: Manifest, where: str) -> tuple[Metadata, ChunkTa
     return md, table
 
 
-class SafetensorsReader(StorageReader):
+class SafetensorsReader(FormatReader):
     """Fills DCP's read items from safetensors files through the backend.
 
     A chunk that lands whole in a contiguous CPU destination is read straight into it; a resharded
@@ -313,27 +313,6 @@ class SafetensorsReader(StorageReader):
         self.thread_count = max(1, int(options.get("thread_count", 4)))
         self.bytes_read = 0
         self._lock = threading.Lock()
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        return None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return self.metadata
-
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
-        return None
-
-    def prepare_local_plan(self, plan: Any) -> Any:
-        return plan
-
-    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
-        return plans
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return False
 
     def _chunk(self, req: ReadItem) -> Chunk:
         off = tuple(req.storage_index.offset) if req.storage_index.offset is not None else None

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from ..backend import Backend
@@ -94,6 +94,35 @@ class FormatWriter(StorageWriter):
         self, metadata: Metadata, results: list[WriteResult]
     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """Return ``(format_metadata, files)`` for the manifest: JSON only."""
+
+
+class FormatReader(StorageReader):
+    """Boilerplate for format readers: the metadata is known before DCP asks (it comes from the
+    manifest or from file headers), and reads need no storage-level planning. Subclasses set
+    :attr:`metadata` and implement ``read_data``."""
+
+    metadata: Metadata
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        return None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self.metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        return None
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
 
 
 class Format(abc.ABC):

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.checkpoint.storage import StorageReader, WriteResult
+from torch.distributed.checkpoint.storage import WriteResult
 
 from .._buffers import as_cpu_contiguous, tensor_memoryview
 from ..backend import Backend
@@ -51,7 +51,7 @@ from ..manifest import Manifest
 from ..progress import Progress
 from ..serialization import MAX_BYTES, dtype_name, parse_dtype
 from ..url import join_path
-from .base import Format, FormatWriter, TensorEntry
+from .base import Format, FormatReader, FormatWriter, TensorEntry
 
 DEFAULT_WRITE_THREADS = 2
 DEFAULT_READ_THREADS = 4
@@ -348,7 +348,7 @@ def _overlap(chunks: list[ChunkStorageMetadata]) -> bool:
 
 
 # -- reader --------------------------------------------------------------------------------
-class NativeReader(StorageReader):
+class NativeReader(FormatReader):
     """Reads chunks straight into destination tensors, in parallel, verifying checksums."""
 
     def __init__(self, backend: Backend, path: str, manifest: Manifest, **options: Any) -> None:
@@ -364,27 +364,6 @@ class NativeReader(StorageReader):
         self._lock = threading.Lock()
         self._progress = _progress_enabled(options)
         self._bar = Progress(0, "", enable=False)
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        return None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return self.metadata
-
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
-        return None
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return False
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
         """Read every item; chunks that land whole in a contiguous destination are read straight
