@@ -102,6 +102,7 @@ class CheckpointManager:
                 # background collectives must not share a communicator with training
                 self._bg_group = dist.new_group(ranks=ranks, backend="gloo")
         self._deleter: queue.Queue[str | None] = queue.Queue()
+        self._deleting: set[str] = set()  # step paths retention is removing right now
         self._deleter_thread: threading.Thread | None = None
         self._metrics_cache: dict[int, dict[str, float]] = {}
         self._closed = False
@@ -212,6 +213,10 @@ class CheckpointManager:
                 if not m or int(m.group(1)) in keep:
                     continue
                 step = int(m.group(1))
+                with self._lock:
+                    being_deleted = self._step_path(step) in self._deleting
+                if being_deleted:  # retention's thread is on it; removing it twice costs the caller
+                    continue
                 if name != base or not self._is_committed(step):
                     log.info("removing leftovers of an interrupted save: %s", name)
                     try:
@@ -347,6 +352,8 @@ class CheckpointManager:
                 target=self._delete_loop, name="ckptio-retention", daemon=True
             )
             self._deleter_thread.start()
+        with self._lock:
+            self._deleting.add(path)
         self._deleter.put(path)
 
     def _delete_loop(self) -> None:
@@ -359,6 +366,8 @@ class CheckpointManager:
             except Exception as exc:  # retention must never stop training
                 log.warning("retention could not delete %s: %s", self.backend.url(path or ""), exc)
             finally:
+                with self._lock:
+                    self._deleting.discard(path or "")
                 self._deleter.task_done()
 
     def _delete_path(self, path: str) -> None:
