@@ -12,6 +12,8 @@ before it is committed, so they are covered by the manifest and land wherever th
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,6 +69,24 @@ class AddonContext:
 
     def exists(self, name: str) -> bool:
         return self.backend.exists(self.backend.join(self.write_path, name))
+
+
+def pretrained_files(obj: Any) -> dict[str, bytes]:
+    """The files ``obj.save_pretrained(directory)`` writes, by relative name.
+
+    Hugging Face objects (configs, tokenizers, processors) only know how to save to a local
+    directory; this captures their files in memory so an addon can write them into the checkpoint
+    with :meth:`AddonContext.write_bytes`, on whatever backend the checkpoint lives.
+    """
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="ckptio-pretrained-") as tmp:
+        obj.save_pretrained(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                with open(full, "rb") as f:
+                    out[os.path.relpath(full, tmp).replace(os.sep, "/")] = f.read()
+    return out
 
 
 class AddonSpec:

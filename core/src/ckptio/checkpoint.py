@@ -145,6 +145,54 @@ def restore_state(state: dict[str, Any], expanded: dict[str, Any], rank: int) ->
 
 
 # -- save ----------------------------------------------------------------------------------
+def prepare_target(
+    backend: Backend,
+    final: str,
+    *,
+    overwrite: bool,
+    what: str,
+    hint: str = "pass overwrite=True to replace it",
+) -> str:
+    """Make room for a new checkpoint at ``final``; return where its files go until the commit.
+
+    ``rename`` backends get an empty staging directory beside ``final`` (the old checkpoint stays
+    loadable until the commit); ``marker`` backends write in place, so the old manifest is removed
+    first, which makes the old checkpoint invisible before any of it is overwritten.
+    """
+    if not overwrite and backend.exists(backend.join(final, MANIFEST_NAME)):
+        raise CheckpointError(f"{what} already holds a committed checkpoint ({hint})")
+    if backend.commit_mode == "rename":
+        data_dir = staging_path(backend, final)
+        backend.remove(data_dir, recursive=True)
+        backend.makedirs(data_dir)
+        return data_dir
+    backend.remove(backend.join(final, MANIFEST_NAME))
+    backend.remove(final, recursive=True)
+    backend.makedirs(final)
+    return final
+
+
+def commit_target(backend: Backend, data_dir: str, final: str, manifest: bytes) -> None:
+    """Write ``manifest.json`` last, then (``rename`` backends) swap the staging directory in.
+
+    A replaced checkpoint is moved aside first and removed only after the new one is in place;
+    the manager rolls an interrupted swap forward on its next save or load.
+    """
+    backend.write_bytes(backend.join(data_dir, MANIFEST_NAME), manifest)
+    if backend.commit_mode != "rename":
+        return
+    backend.fsync_dir(data_dir)
+    old = data_dir.removesuffix(PARTIAL_SUFFIX) + OLD_SUFFIX
+    replaced = backend.exists(final)
+    if replaced:
+        backend.remove(old, recursive=True)
+        backend.rename(final, old)
+    backend.rename(data_dir, final)
+    backend.fsync_dir(final.rstrip("/").rsplit("/", 1)[0] or "/")
+    if replaced:
+        backend.remove(old, recursive=True)
+
+
 def save_checkpoint(
     state: dict[str, Any],
     url: str | URL,
@@ -176,23 +224,7 @@ def save_checkpoint(
     final = u.path
     data_dir = staging_path(backend, final) if backend.commit_mode == "rename" else final
 
-    def prepare() -> None:
-        existing = (
-            read_manifest(backend, final) if backend.exists(backend.join(final, MANIFEST_NAME)) else None
-        )
-        if existing is not None and not overwrite:
-            raise CheckpointError(
-                f"{u} already holds a committed checkpoint (pass overwrite=True to replace it)"
-            )
-        if backend.commit_mode == "rename":
-            backend.remove(data_dir, recursive=True)
-            backend.makedirs(data_dir)
-        else:
-            backend.remove(backend.join(final, MANIFEST_NAME))  # uncommit first, then clear
-            backend.remove(final, recursive=True)
-            backend.makedirs(final)
-
-    _dist.on_coordinator(prepare, pg)
+    _dist.on_coordinator(lambda: prepare_target(backend, final, overwrite=overwrite, what=str(u)), pg)
     t_prep = time.perf_counter()
 
     expanded = expand_state(state, rank)
@@ -249,18 +281,7 @@ def save_checkpoint(
             addons=list(addons.names),
             user=dict(user_metadata or {}),
         )
-        backend.write_bytes(backend.join(data_dir, MANIFEST_NAME), manifest.to_bytes())
-        if backend.commit_mode == "rename":
-            backend.fsync_dir(data_dir)
-            old = data_dir.removesuffix(PARTIAL_SUFFIX) + OLD_SUFFIX
-            replaced = backend.exists(final)
-            if replaced:
-                backend.remove(old, recursive=True)
-                backend.rename(final, old)
-            backend.rename(data_dir, final)
-            backend.fsync_dir(final.rstrip("/").rsplit("/", 1)[0] or "/")
-            if replaced:
-                backend.remove(old, recursive=True)
+        commit_target(backend, data_dir, final, manifest.to_bytes())
         return manifest
 
     manifest = _dist.on_coordinator(commit, pg)

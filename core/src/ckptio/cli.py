@@ -507,39 +507,17 @@ def _prepare_destination(backend: Any, path: str, overwrite: bool, url: Any) -> 
     The same protocol as :func:`ckptio.checkpoint.save_checkpoint`: a staging directory renamed at
     the end on ``rename`` backends, an in-place write with ``manifest.json`` last on ``marker`` ones.
     """
-    from .checkpoint import staging_path
-    from .manifest import MANIFEST_NAME
+    from .checkpoint import prepare_target
 
-    if backend.exists(backend.join(path, MANIFEST_NAME)) and not overwrite:
-        raise CheckpointError(f"{url} already holds a committed checkpoint (pass --overwrite to replace it)")
-    if backend.commit_mode == "rename":
-        data_dir = staging_path(backend, path)
-        backend.remove(data_dir, recursive=True)
-        backend.makedirs(data_dir)
-        return str(data_dir)
-    backend.remove(backend.join(path, MANIFEST_NAME))
-    backend.remove(path, recursive=True)
-    backend.makedirs(path)
-    return path
+    return prepare_target(
+        backend, path, overwrite=overwrite, what=str(url), hint="pass --overwrite to replace it"
+    )
 
 
 def _commit_destination(backend: Any, data_dir: str, path: str, manifest_bytes: bytes) -> None:
-    from .checkpoint import OLD_SUFFIX, PARTIAL_SUFFIX
-    from .manifest import MANIFEST_NAME
+    from .checkpoint import commit_target
 
-    backend.write_bytes(backend.join(data_dir, MANIFEST_NAME), manifest_bytes)
-    if backend.commit_mode != "rename":
-        return
-    backend.fsync_dir(data_dir)
-    old = data_dir.removesuffix(PARTIAL_SUFFIX) + OLD_SUFFIX
-    replaced = backend.exists(path)
-    if replaced:
-        backend.remove(old, recursive=True)
-        backend.rename(path, old)
-    backend.rename(data_dir, path)
-    backend.fsync_dir(path.rstrip("/").rsplit("/", 1)[0] or "/")
-    if replaced:
-        backend.remove(old, recursive=True)
+    commit_target(backend, data_dir, path, manifest_bytes)
 
 
 def copy_files(loc: Located, dst: Any, dst_backend: Any, overwrite: bool) -> dict[str, Any]:

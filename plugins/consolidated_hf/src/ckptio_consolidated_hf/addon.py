@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from typing import Any
 
 import torch
 from ckptio import _dist
-from ckptio.addons import AddonContext, addon_hook
+from ckptio.addons import AddonContext, addon_hook, pretrained_files
 from ckptio.backend import Backend
 from ckptio.checkpoint import open_backend, staging_path
 from ckptio.errors import CheckpointError
@@ -65,19 +63,6 @@ def _normalize_mode(mode: Any) -> str:
     if m not in MODES:
         raise ValueError(f"consolidated-hf: mode={mode!r}; expected one of {MODES}")
     return m
-
-
-def pretrained_files(obj: Any) -> dict[str, bytes]:
-    """The files ``obj.save_pretrained`` writes (config, generation config, tokenizer), by name."""
-    out: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="ckptio-hf-") as tmp:
-        obj.save_pretrained(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                with open(full, "rb") as f:
-                    out[os.path.relpath(full, tmp).replace(os.sep, "/")] = f.read()
-    return out
 
 
 def _read_header_dtypes(backend: Backend, path: str) -> dict[str, torch.dtype]:

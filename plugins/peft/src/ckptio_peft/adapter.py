@@ -126,19 +126,6 @@ def peft_config_json(
             return f.read()
 
 
-def pretrained_files(obj: Any) -> dict[str, bytes]:
-    """The files ``obj.save_pretrained`` writes (a tokenizer, a processor...), by relative name."""
-    out: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="ckptio-pretrained-") as tmp:
-        obj.save_pretrained(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                with open(full, "rb") as f:
-                    out[os.path.relpath(full, tmp).replace(os.sep, "/")] = f.read()
-    return out
-
-
 def adapter_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     """``adapter_model.safetensors`` content: contiguous, unshared CPU copies, PEFT's metadata."""
     clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ckptio.addons import AddonContext
+from ckptio.addons import AddonContext, pretrained_files
 from ckptio.errors import CheckpointError
 from ckptio.gather import full_tensor
 from ckptio.state import ModelState
@@ -47,7 +47,6 @@ from .adapter import (
     adapter_names,
     is_peft_model,
     peft_config_json,
-    pretrained_files,
 )
 
 _CONFIG_OPTIONS = ("r", "lora_alpha", "target_modules", "use_dora", "task_type", "bias")
