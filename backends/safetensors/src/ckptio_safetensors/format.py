@@ -24,10 +24,9 @@ import xxhash
 from ckptio._buffers import tensor_memoryview
 from ckptio.backend import Backend
 from ckptio.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
-from ckptio.formats.base import Format, FormatReader, FormatWriter, TensorEntry
+from ckptio.formats.base import Format, FormatReader, FormatWriter, TensorEntry, tensor_entries
 from ckptio.formats.native import _split_by_size, metadata_from_json, metadata_to_json
 from ckptio.manifest import Manifest
-from ckptio.serialization import dtype_name
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -552,23 +551,7 @@ class SafetensorsFormat(Format):
             md, entries = foreign_metadata(backend, path)
         else:
             md, entries = manifest_metadata(manifest, backend.url(path))
-        out = []
-        for e in sorted(entries.values(), key=lambda e: (e.file, e.pos)):
-            m = md.state_dict_metadata[e.fqn]
-            if isinstance(m, TensorStorageMetadata):
-                out.append(
-                    TensorEntry(
-                        e.fqn,
-                        dtype_name(m.properties.dtype),
-                        list(m.size),
-                        e.length,
-                        e.file,
-                        list(e.offsets or ()),
-                    )
-                )
-            else:
-                out.append(TensorEntry(e.fqn, "json", [], e.length, e.file))
-        return out
+        return tensor_entries(md, entries.values())
 
 
 __all__ = [

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from ..backend import Backend
 from ..manifest import Manifest
+from ..serialization import dtype_name
 
 
 @dataclass
@@ -32,6 +34,27 @@ class TensorEntry:
     nbytes: int
     file: str
     offsets: list[int] | None = None
+
+
+def tensor_entries(metadata: Metadata, entries: Iterable[Any]) -> list[TensorEntry]:
+    """``ckptio inspect``'s listing from DCP metadata and a format's chunk table, in file order.
+
+    ``entries`` are the format's stored chunks: objects with ``fqn``, ``file``, ``pos``,
+    ``length`` and ``offsets`` (``None`` for JSON values).
+    """
+    out = []
+    for e in sorted(entries, key=lambda e: (e.file, e.pos)):
+        m = metadata.state_dict_metadata[e.fqn]
+        if isinstance(m, TensorStorageMetadata):
+            shape = list(m.size)
+            out.append(
+                TensorEntry(
+                    e.fqn, dtype_name(m.properties.dtype), shape, e.length, e.file, list(e.offsets or ())
+                )
+            )
+        else:
+            out.append(TensorEntry(e.fqn, "json", [], e.length, e.file))
+    return out
 
 
 class FormatWriter(StorageWriter):

@@ -51,7 +51,7 @@ from ..manifest import Manifest
 from ..progress import Progress
 from ..serialization import MAX_BYTES, dtype_name, parse_dtype
 from ..url import join_path
-from .base import Format, FormatReader, FormatWriter, TensorEntry
+from .base import Format, FormatReader, FormatWriter, TensorEntry, tensor_entries
 
 DEFAULT_WRITE_THREADS = 2
 DEFAULT_READ_THREADS = 4
@@ -499,23 +499,7 @@ class NativeFormat(Format):
         if manifest is None:
             return []
         md, entries = metadata_from_json(manifest.format_metadata, manifest.files, backend.url(path))
-        out = []
-        for e in _sorted_entries(entries.values()):
-            m = md.state_dict_metadata[e.fqn]
-            if isinstance(m, TensorStorageMetadata):
-                out.append(
-                    TensorEntry(
-                        e.fqn,
-                        dtype_name(m.properties.dtype),
-                        list(m.size),
-                        e.length,
-                        e.file,
-                        list(e.offsets or ()),
-                    )
-                )
-            else:
-                out.append(TensorEntry(e.fqn, "json", [], e.length, e.file))
-        return out
+        return tensor_entries(md, entries.values())
 
 
 def _sorted_entries(entries: Iterable[_Entry]) -> list[_Entry]:
