@@ -198,3 +198,35 @@ def test_cli_consolidate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     bad = parser.parse_args([str(tmp_path / "nope"), str(tmp_path / "hf2")])
     assert run_consolidate(bad) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_ring_hands_out_fifo_and_wraps() -> None:
+    from ckptio_safetensors.consolidate import _Ring
+
+    ring = _Ring(100)
+    a, b = ring.take(60), ring.take(30)
+    assert a is not None and b is not None and ring.take(20) is None  # 10 left at the end
+    ring.give_back(25)  # part of ``a`` written: its first 25 bytes are free again
+    assert ring.take(30) is None and ring.take(20) is not None  # wraps to the start
+    ring.give_back(35)  # rest of ``a``
+    assert ring.take(45) is None  # the hole before ``b`` is 40 bytes
+    ring.give_back(30)  # ``b``
+    ring.give_back(20)
+    assert not ring.live and ring.take(100) is not None and ring.take(1) is None
+
+
+@pytest.mark.parametrize("inflight", [4096, 50_000])
+def test_consolidate_with_a_small_arena_is_exact(tmp_path: Path, inflight: int) -> None:
+    """Tensors larger than the arena go alone; smaller ones wrap around it; bytes never mix."""
+    g = torch.Generator().manual_seed(3)
+    state = {f"w{i}": torch.randn(17 + 13 * i, 31, generator=g) for i in range(12)}
+    state["big"] = torch.randn(300, 100, generator=g)  # 120 kB, larger than either arena
+    state["ids"] = torch.arange(5000, dtype=torch.int64)
+    ckptio.save(state, f"safetensors+file://{tmp_path / 'src'}")
+    ckptio_safetensors.consolidate(
+        str(tmp_path / "src"), str(tmp_path / "hf"), workers=3, max_inflight_bytes=inflight, progress=False
+    )
+    merged = _merged(tmp_path / "hf")
+    assert merged.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(_bits(merged[k]), _bits(v)), k

@@ -6,11 +6,12 @@ of every tensor lies) or a manifest-less safetensors directory (torch's HF write
 
 How it stays fast and small:
 
-* Each full tensor is assembled by ranged reads straight into its place in one buffer (a chunk
+* Each full tensor is assembled by ranged reads straight into its place in a buffer (a chunk
   that is a band of rows lands in place with no copy; others go through a chunk-sized temporary),
-  checksums are checked on the way, and the tensor is streamed out right after the header. Reads
-  of the next tensors overlap the write of the current one, within a byte budget (by default the
-  size of the largest tensor), so peak memory is about one tensor whatever the model size.
+  checksums are checked on the way, and the tensor is streamed out right after the header. The
+  buffers come from one reused arena (``_Ring``, by default the size of the largest tensor), so
+  peak memory is about one tensor whatever the model size, no page is faulted in twice, and the
+  next tensors are read while the current one is written.
 * Every dtype works (torch's consolidator computes element sizes with ``finfo`` and crashes on
   integer tensors); casts touch ordinary float tensors only.
 * Output appears atomically: files are written to a staging directory that is renamed into place
@@ -37,10 +38,11 @@ from ckptio.backend import Backend
 from ckptio.checkpoint import open_backend, read_manifest, staging_path
 from ckptio.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptio.formats import native as _native
+from ckptio.staging import _huge_page_empty
 from ckptio.url import parse_url
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ._header import HeaderEntry, encode_header, layout, read_header, stream_tensors
+from ._header import HeaderEntry, encode_header, layout, read_header
 from .format import Chunk, foreign_metadata, hf_files, manifest_metadata
 from .hf import (
     HF_METADATA,
@@ -157,10 +159,19 @@ class _Assembler:
         self.src = src
         self.verify = verify
 
-    def __call__(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def source_dtype(self, name: str) -> torch.dtype:
+        return self.src.tensors[name].meta.properties.dtype
+
+    def source_nbytes(self, name: str) -> int:
+        meta = self.src.tensors[name].meta
+        return math.prod(meta.size) * meta.properties.dtype.itemsize
+
+    def __call__(self, name: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The full tensor ``name`` as ``dtype``, assembled into ``out`` (raw bytes) when given."""
         st = self.src.tensors[name]
         size = tuple(st.meta.size)
-        full = torch.empty(size, dtype=st.meta.properties.dtype)
+        src_dtype = st.meta.properties.dtype
+        full = torch.empty(size, dtype=src_dtype) if out is None else out.view(src_dtype).view(size)
         for e in st.chunks:
             assert e.offsets is not None and e.sizes is not None
             fpath = self.src.backend.join(self.src.path, e.file)
@@ -203,22 +214,49 @@ def _hash_ok(view: memoryview, expected: Any) -> bool:
     )
 
 
-class _Window:
-    """Bounds the bytes of assembled tensors alive at once (queued or being written).
+class _Ring:
+    """A reusable byte arena for assembled tensors, handed out and given back in FIFO order.
 
-    A tensor is started only while the total stays within ``budget``, or when nothing is in
-    flight (so one tensor larger than the budget still goes through, alone).
+    Output tensors are assembled ahead of the writer and written in file order, so their buffers
+    live and die in the same order: a ring fits exactly. One arena allocated once (huge-page
+    advised) replaces a fresh ``torch.empty`` per tensor, whose first-touch page faults cost more
+    than the disk write on a VM; and the writer gives back each written piece at once, so the next
+    tensors are assembled into the space the current one is leaving while it is still being
+    written. Peak memory stays at the arena's size. Used from one thread only (the writer's).
     """
 
-    def __init__(self, budget: int, max_tasks: int) -> None:
-        self.budget = budget
-        self.max_tasks = max_tasks
-        self.bytes = 0
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buf = _huge_page_empty(torch.Size([capacity]), torch.uint8)
+        self.live: collections.deque[list[int]] = collections.deque()  # [start, end), oldest first
+        self.head = 0
 
-    def admits(self, nbytes: int, queued: int) -> bool:
-        if queued >= self.max_tasks:
-            return False
-        return self.bytes == 0 or self.bytes + nbytes <= self.budget
+    def take(self, n: int) -> torch.Tensor | None:
+        """``n`` contiguous bytes after every region handed out before, or ``None`` if full."""
+        if not self.live:
+            start = 0 if n <= self.capacity else -1
+        else:
+            tail = self.live[0][0]
+            if self.head > tail:  # used: [tail, head); free: [head, capacity) and [0, tail)
+                start = self.head if n <= self.capacity - self.head else (0 if n <= tail else -1)
+            else:  # wrapped: free is [head, tail)
+                start = self.head if n <= tail - self.head else -1
+        if start < 0:
+            return None
+        self.live.append([start, start + n])
+        self.head = start + n
+        return self.buf[start : start + n]
+
+    def give_back(self, n: int) -> None:
+        """Release the next ``n`` bytes of the oldest region (all of it when ``n`` covers it)."""
+        region = self.live[0]
+        region[0] = min(region[1], region[0] + n)
+        if region[0] >= region[1]:
+            self.live.popleft()
+
+
+_PIECE = 32 << 20  # bytes written (and given back to the ring) at a time
+_RING_MIN = 64 << 20  # a smaller arena would hold too few small tensors to keep the writer busy
 
 
 def _write_file(
@@ -227,40 +265,54 @@ def _write_file(
     entries: list[HeaderEntry],
     assemble: _Assembler,
     pool: ThreadPoolExecutor,
-    window: _Window,
+    ring: _Ring,
+    max_tasks: int,
     on_tensor: Any,
 ) -> None:
     """Stream one output file, assembling the next tensors while the current one is written."""
     header = encode_header(entries, HF_METADATA)
-    pending: collections.deque[tuple[HeaderEntry, Future[torch.Tensor]]] = collections.deque()
+    # (entry, future, bytes of the ring it holds)
+    pending: collections.deque[tuple[HeaderEntry, Future[torch.Tensor], int]] = collections.deque()
     todo = collections.deque(entries)
 
     def refill() -> None:
-        while todo and window.admits(todo[0].nbytes, len(pending)):
-            e = todo.popleft()
-            window.bytes += e.nbytes
-            pending.append((e, pool.submit(assemble, e.name, e.dtype)))
-
-    writing: list[HeaderEntry] = []
-
-    def get(e: HeaderEntry) -> torch.Tensor:
-        if writing:  # the previous tensor has been written: release its share of the window
-            window.bytes -= writing.pop().nbytes
-        refill()
-        queued, fut = pending.popleft()
-        assert queued is e
-        writing.append(e)
-        t = fut.result()
-        on_tensor(e.nbytes)
-        return t
+        while todo and len(pending) < max_tasks:
+            e = todo[0]
+            n = assemble.source_nbytes(e.name)
+            out = ring.take(n) if n else None
+            if out is None and n:
+                if pending or ring.live:
+                    return  # wait for space
+                # larger than the whole ring: assemble alone in a buffer of its own
+            todo.popleft()
+            pending.append((e, pool.submit(assemble, e.name, e.dtype, out), n if out is not None else 0))
 
     try:
         with backend.open_write(path) as f:
-            stream_tensors(f, header, entries, get, checksums=False)
+            f.write(header)
+            for e in entries:
+                refill()
+                queued, fut, held = pending.popleft()
+                assert queued is e
+                t = fut.result()
+                if held and t.dtype != assemble.source_dtype(e.name):  # cast: the ring copy is done with
+                    ring.give_back(held)
+                    held = 0
+                view = tensor_memoryview(t)
+                if len(view) != e.nbytes:  # pragma: no cover - layout and assembly agree by construction
+                    raise CheckpointError(f"{e.name!r}: assembled {len(view)} bytes, planned {e.nbytes}")
+                for k in range(0, len(view), _PIECE):
+                    piece = view[k : k + _PIECE]
+                    f.write(piece)
+                    if held:
+                        ring.give_back(len(piece))
+                        refill()
+                del view, t
+                on_tensor(e.nbytes)
     finally:
-        for _, fut in pending:
+        for _, fut, _ in pending:
             fut.cancel()
-        window.bytes = 0
+        ring.live.clear()
 
 
 def consolidate(
@@ -289,8 +341,8 @@ def consolidate(
     :param cast_dtype: ``"bf16"``/``"fp16"``/``"fp32"``: cast ordinary float tensors (never ints,
         bools or fp8; tensors the reference keeps in another dtype keep it).
     :param workers: threads assembling tensors (reads overlap the write of the current tensor).
-    :param max_inflight_bytes: bytes of assembled tensors alive at once; default: the largest
-        tensor, so peak memory is about one (the largest) tensor whatever ``workers`` is.
+    :param max_inflight_bytes: size of the arena assembled tensors live in; default: the largest
+        tensor (at least 64 MiB), so peak memory is about one tensor whatever ``workers`` is.
     :param process_group: split output files across the ranks of this group (all its ranks must
         call); ``None``: this process writes everything, with no collectives.
     :param group: which top-level state entry to export (default ``model`` when present).
@@ -339,12 +391,14 @@ def consolidate(
     try:
         assemble = _Assembler(src, verify)
         n_workers = max(1, int(workers))
-        largest = max((math.prod(shape) * dt.itemsize for dt, shape in specs.values()), default=0)
-        window = _Window(max_inflight_bytes or largest, n_workers)
+        largest = max((assemble.source_nbytes(n) for n in src.tensors), default=0)
+        ring = _Ring(max_inflight_bytes or max(largest, min(_RING_MIN, total)))
         with ThreadPoolExecutor(n_workers, thread_name_prefix="ckptio-consolidate") as pool:
             for fname, names in mine:
                 entries = layout([(n, specs[n][0], specs[n][1]) for n in names])
-                _write_file(backend, backend.join(work, fname), entries, assemble, pool, window, bar.update)
+                _write_file(
+                    backend, backend.join(work, fname), entries, assemble, pool, ring, n_workers, bar.update
+                )
     except Exception as exc:
         error = f"rank {rank}: {type(exc).__name__}: {exc}"
         if world == 1:
