@@ -1,6 +1,6 @@
 """Cloud save/load benchmark on a local S3 server (moto): ckptio vs DCP fsspec, MSC and boto3.
 
-    python benchmarks/bench_cloud.py [--mib 128] [--reps 2]
+    python benchmarks/bench_cloud.py [--mib 128] [--reps 3] [--only ckptio-s3,msc-dcp]
 
 Every measurement runs in a fresh subprocess (``common.run_worker``) so that peak extra RSS is the
 method's own. Rows, all on the same bytes (``--mib`` of fp32 tensors, <= 256 MiB: moto keeps
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,10 +192,21 @@ METHODS = [
 ]
 
 
+OPS = ("save", "load")
+
+
+def _empty_bucket(s3: Any, bucket: str) -> None:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=128, help="payload in MiB (<= 256)")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--only", help="comma-separated methods (default: all): " + ",".join(m for m, _ in METHODS))
     p.add_argument("--worker")
     args = p.parse_args(argv)
     if args.worker:
@@ -227,24 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         (work / "msc.json").write_text(json.dumps(cfg))
         os.environ["MSC_CONFIG"] = str(work / "msc.json")
-        results: dict[str, dict[str, Any]] = {}
-        for method, _label in METHODS:
-            row: dict[str, Any] = {}
-            for op in ("save", "load"):
-                runs = []
-                for rep in range(args.reps):
-                    r = C.run_worker(
-                        SCRIPT,
-                        {
-                            "method": method,
-                            "op": op,
-                            "endpoint": ep,
-                            "bucket": bucket,
-                            "mib": mib,
-                            "rep": rep,
-                        },
-                    )
-                    runs.append(r)
+        methods = [m for m, _ in METHODS if not args.only or m in args.only.split(",")]
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, op): [] for m in methods for op in OPS}
+        # Rounds interleave the methods (moto's speed drifts as it ages), and every method's objects
+        # are deleted after its load, so each method meets a server holding the same few objects.
+        for rep in range(args.reps):
+            for method in methods:
+                for op in OPS:
+                    task = {"method": method, "op": op, "endpoint": ep, "bucket": bucket, "mib": mib, "rep": rep}
+                    r = C.run_worker(SCRIPT, task)
+                    runs[(method, op)].append(r)
                     print(
                         f"{method:11s} {op:4s} rep{rep}: "
                         + (
@@ -254,10 +258,17 @@ def main(argv: list[str] | None = None) -> int:
                         ),
                         flush=True,
                     )
-                good = [r for r in runs if r.get("ok")]
+                _empty_bucket(s3, bucket)
+        results: dict[str, dict[str, Any]] = {}
+        for method in methods:
+            row: dict[str, Any] = {}
+            for op in OPS:
+                good = [r for r in runs[(method, op)] if r.get("ok")]
+                speeds = [r["bytes"] / r["seconds"] / MiB for r in good]
                 row[op] = {
-                    "runs": runs,
-                    "best_mib_s": max((r["bytes"] / r["seconds"] / MiB for r in good), default=None),
+                    "runs": runs[(method, op)],
+                    "best_mib_s": max(speeds, default=None),
+                    "median_mib_s": statistics.median(speeds) if speeds else None,
                     "peak_extra_rss_mb": max((r["extra_rss_mb"] for r in good), default=None),
                     "correct": all(r.get("correct", False) for r in good) and bool(good),
                 }
@@ -270,29 +281,35 @@ def main(argv: list[str] | None = None) -> int:
             proc.kill()
 
     def rate(m: str, op: str) -> float | None:
+        v = results.get(m, {}).get(op, {}).get("median_mib_s")
+        return float(v) if v else None
+
+    def best(m: str, op: str) -> float | None:
         v = results.get(m, {}).get(op, {}).get("best_mib_s")
         return float(v) if v else None
 
     rows, checks = [], []
     for method, label in METHODS:
+        if method not in results:
+            continue
         r = results[method]
         rows.append(
             [
                 label,
-                C.fmt(rate(method, "save"), 1),
-                C.fmt(rate(method, "load"), 1),
+                f"{C.fmt(rate(method, 'save'), 1)} / {C.fmt(best(method, 'save'), 1)}",
+                f"{C.fmt(rate(method, 'load'), 1)} / {C.fmt(best(method, 'load'), 1)}",
                 C.fmt(r["save"]["peak_extra_rss_mb"], 0),
                 C.fmt(r["load"]["peak_extra_rss_mb"], 0),
                 "yes" if r["load"]["correct"] else "NO",
             ]
         )
-    for base in ("dcp-fsspec", "msc-dcp"):
+    for base in [m for m in ("dcp-fsspec", "msc-dcp") if m in results and "ckptio-s3" in results]:
         for op in ("save", "load"):
             a, b = rate("ckptio-s3", op), rate(base, op)
             ratio = a / b if a and b else None
             checks.append((f"ckptio s3:// {op} >= 1.0x {base}", ratio, ratio is not None and ratio >= 1.0))
     bound = 2 * PART * CONCURRENCY / MiB
-    for op in ("save", "load"):
+    for op in OPS if "ckptio-s3" in results else ():
         peak = results["ckptio-s3"][op]["peak_extra_rss_mb"]
         checks.append(
             (f"ckptio s3:// {op} peak extra RSS <= {bound:.0f} MiB", peak, peak is not None and peak <= bound)
@@ -302,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# Cloud benchmark: s3 on a local moto server",
         "",
-        f"Payload {mib} MiB (8 fp32 tensors), best of {args.reps} fresh-process runs per cell; part/chunk "
+        f"Payload {mib} MiB (8 fp32 tensors); {args.reps} rounds, each running every method once (save, then "
+        "load) in fresh processes, in the same order, objects deleted after each method; cells are median / best "
+        "MiB/s, ratios use medians; part/chunk "
         f"{PART // MiB} MiB x {CONCURRENCY}. Moto is the bottleneck (one Python process, whole-object copies on "
         "ranged GETs): compare rows, do not read these as S3 speeds. Extra RSS = peak RSS growth in the timed region.",
         "",
         C.markdown_table(
-            ["method", "save MiB/s", "load MiB/s", "save +RSS MiB", "load +RSS MiB", "load correct"], rows
+            ["method", "save MiB/s med / best", "load MiB/s med / best", "save +RSS MiB", "load +RSS MiB", "load correct"], rows
         ),
         "",
         "| target | value | result |",
@@ -325,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "checks": [{"name": n, "value": v, "pass": ok} for n, v, ok in checks],
     }
-    C.write_results("cloud", "\n".join(md), data)
+    if args.only:  # a partial run is for experiments: print, keep the committed results
+        print("\n".join(md))
+    else:
+        C.write_results("cloud", "\n".join(md), data)
     return 0
 
 

@@ -299,3 +299,17 @@ def test_missing_driver_names_the_package() -> None:
     assert "ERR" in out.stdout and "pip install" in out.stdout and "adlfs" in out.stdout, (
         out.stdout + out.stderr
     )
+
+
+@pytest.mark.parametrize(("size", "parts"), [(10 * MiB, 0), (10 * MiB + 1, 3), (3 * MiB, 0)])
+def test_objects_up_to_the_threshold_are_one_put(s3_server: Any, s3_bucket: str, size: int, parts: int) -> None:
+    """Objects of at most ``multipart_threshold`` (default two parts) are one PutObject; larger ones are
+    multipart uploads (their ETag ends in ``-<parts>``)."""
+    _, be = open_backend(f"s3://{s3_bucket}", dict(s3_server.storage_options(), part_size=5 * MiB))
+    payload = os.urandom(size)
+    with be.open_write(f"{s3_bucket}/obj{size}.bin") as f:
+        for i in range(0, size, 2 * MiB):
+            f.write(payload[i : i + 2 * MiB])
+    etag = s3_server.client().head_object(Bucket=s3_bucket, Key=f"obj{size}.bin")["ETag"].strip('"')
+    assert etag.endswith(f"-{parts}") if parts else "-" not in etag
+    assert be.read_bytes(f"{s3_bucket}/obj{size}.bin") == payload

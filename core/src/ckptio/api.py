@@ -34,16 +34,18 @@ def save(
     :param metadata: JSON values stored in the manifest (``user``).
     :param options: format options, e.g. ``thread_count``.
     """
-    result, _ = save_checkpoint(
-        state,
-        url,
-        process_group=process_group,
-        addons=AddonSet(addons),
-        storage_options=storage_options,
-        user_metadata=metadata,
-        overwrite=overwrite,
-        **options,
-    )
+    u, backend = open_backend(url, storage_options)
+    with backend:  # a backend opened here is closed here (client pools, event loops)
+        result, _ = save_checkpoint(
+            state,
+            u,
+            backend=backend,
+            process_group=process_group,
+            addons=AddonSet(addons),
+            user_metadata=metadata,
+            overwrite=overwrite,
+            **options,
+        )
     return result
 
 
@@ -64,22 +66,25 @@ def load(
         ``False`` they are reported in the result and left alone.
     :param verify: check each chunk's checksum as it is read (on by default).
     """
-    return load_checkpoint(
-        state,
-        url,
-        strict=strict,
-        verify=verify,
-        process_group=process_group,
-        addons=AddonSet(addons),
-        storage_options=storage_options,
-        **options,
-    )
+    u, backend = open_backend(url, storage_options)
+    with backend:
+        return load_checkpoint(
+            state,
+            u,
+            backend=backend,
+            strict=strict,
+            verify=verify,
+            process_group=process_group,
+            addons=AddonSet(addons),
+            **options,
+        )
 
 
 def manifest(url: str, *, storage_options: dict[str, Any] | None = None) -> Manifest:
     """The manifest of the committed checkpoint at ``url``."""
     u, backend = open_backend(url, storage_options)
-    m = read_manifest(backend, u.path)
+    with backend:
+        m = read_manifest(backend, u.path)
     if m is None:
         raise CheckpointNotFoundError(f"no committed checkpoint at {u}")
     return m
@@ -93,21 +98,22 @@ def verify(url: str, *, storage_options: dict[str, Any] | None = None) -> int:
     from .errors import CorruptCheckpointError
 
     u, backend = open_backend(url, storage_options)
-    m = read_manifest(backend, u.path)
-    if m is None:
-        raise CheckpointNotFoundError(f"no committed checkpoint at {u}")
-    checked = get_format(m.format).verify(backend, u.path, m)
-    for name, info in m.files.items():
-        digest = info.get("xxh3")
-        if digest is None:
-            continue
-        import xxhash
+    with backend:
+        m = read_manifest(backend, u.path)
+        if m is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint at {u}")
+        checked = get_format(m.format).verify(backend, u.path, m)
+        for name, info in m.files.items():
+            digest = info.get("xxh3")
+            if digest is None:
+                continue
+            import xxhash
 
-        p = backend.join(u.path, name)
-        data = backend.read_bytes(p)
-        if len(data) != info["size"] or xxhash.xxh3_64_hexdigest(data) != digest:
-            raise CorruptCheckpointError(
-                f"checksum mismatch in {backend.url(p)}: the file is damaged", path=p
-            )
-        checked += len(data)
-    return checked
+            p = backend.join(u.path, name)
+            data = backend.read_bytes(p)
+            if len(data) != info["size"] or xxhash.xxh3_64_hexdigest(data) != digest:
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in {backend.url(p)}: the file is damaged", path=p
+                )
+            checked += len(data)
+        return checked

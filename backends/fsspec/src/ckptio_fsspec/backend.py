@@ -21,6 +21,7 @@ Options (``storage_options`` of a manager or call; the rest go to the fsspec dri
 reads its own config files and environment variables):
 
 ``part_size`` (default 32 MiB), ``concurrency`` (8), ``read_chunk_size`` (= ``part_size``),
+``multipart_threshold`` (S3: larger objects are multipart uploads, default ``2 x part_size``),
 ``attempts`` (5), ``backoff`` (0.2 s base), ``max_backoff`` (5 s).
 """
 
@@ -92,6 +93,7 @@ class FsspecBackend(Backend):
         part_size: int = DEFAULT_PART_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
         read_chunk_size: int | None = None,
+        multipart_threshold: int | None = None,
         attempts: int = 5,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
@@ -103,6 +105,9 @@ class FsspecBackend(Backend):
         self.part_size = int(part_size)
         self.concurrency = max(1, int(concurrency))
         self.read_chunk_size = int(read_chunk_size or part_size)
+        self.multipart_threshold = int(
+            multipart_threshold if multipart_threshold is not None else 2 * part_size
+        )
         self.policy = RetryPolicy(attempts=max(1, int(attempts)), base_delay=backoff, max_delay=max_backoff)
         self.errors = ErrorMapper(_secrets(storage_options))
         opts = dict(storage_options)

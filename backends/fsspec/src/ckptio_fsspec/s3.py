@@ -7,7 +7,9 @@ slower than the writer, ``write()`` blocks, so memory is bounded by the parts in
 copied once to ``bytes``; botocore may hold another copy while sending) plus one filling buffer per
 open writer: about ``part_size x (2 x concurrency + writers)``, whatever the file size.
 
-A file smaller than one part is sent with a single ``PutObject``. When the body of
+An object of at most ``multipart_threshold`` bytes (default two parts) is sent with a single
+``PutObject``: one request instead of at least three, and the store need not assemble parts; full
+parts are held back until the stream outgrows the threshold, which adds that much per open writer. When the body of
 ``open_write`` raises, pending parts are cancelled and the upload is aborted, so nothing appears.
 """
 
@@ -36,6 +38,8 @@ class S3MultipartWriter(io.RawIOBase):
         self.url = backend.url(path)
         self.bucket, _, self.key = backend.fspath(path).partition("/")
         self.part_size = backend.part_size
+        self.threshold = backend.multipart_threshold
+        self.held: list[bytearray] = []  # full parts kept while the object may still fit one PutObject
         self.buf: bytearray | None = None
         self.fill = 0
         self.upload_id: str | None = None
@@ -55,6 +59,14 @@ class S3MultipartWriter(io.RawIOBase):
         while pos < n:
             if self.failed is not None:
                 raise self._failure()
+            if self.buf is not None and self.fill == self.part_size:
+                # a full part and more data coming: hold it while the object may still be one
+                # PutObject, else start (or continue) the multipart upload
+                if self.upload_id is None and (len(self.held) + 1) * self.part_size < self.threshold:
+                    self.held.append(self.buf)
+                    self.buf = None
+                else:
+                    self._send_part()
             if self.buf is None:
                 self.buf = self.backend.take_buffer()
                 self.fill = 0
@@ -62,8 +74,6 @@ class S3MultipartWriter(io.RawIOBase):
             self.buf[self.fill : self.fill + take] = mv[pos : pos + take]
             self.fill += take
             pos += take
-            if self.fill == self.part_size:
-                self._send_part()
         return n
 
     def _failure(self) -> CheckpointError:
@@ -83,6 +93,8 @@ class S3MultipartWriter(io.RawIOBase):
         return await self.backend.fs.get_s3(self.bucket)
 
     def _send_part(self) -> None:
+        """Send the filling buffer as the next part (starting the upload, and sending the parts
+        held back so far, the first time)."""
         if self.upload_id is None:
 
             async def create() -> str:
@@ -93,6 +105,12 @@ class S3MultipartWriter(io.RawIOBase):
                 return str(resp["UploadId"])
 
             self.upload_id = self._run(create)
+            current, fill = self.buf, self.fill
+            for part in self.held:
+                self.buf, self.fill = part, self.part_size
+                self._send_part()
+            self.held = []
+            self.buf, self.fill = current, fill
         assert self.buf is not None
         buf, size, num = self.buf, self.fill, self.next_part
         self.buf, self.fill, self.next_part = None, 0, num + 1
@@ -130,10 +148,14 @@ class S3MultipartWriter(io.RawIOBase):
         """Upload what is buffered and complete the object (or put it whole when it is small)."""
         try:
             if self.upload_id is None:
-                data = bytes(memoryview(self.buf)[: self.fill]) if self.buf is not None else b""
+                pieces = [memoryview(p) for p in self.held]
                 if self.buf is not None:
-                    self.backend.give_buffer(self.buf)
-                    self.buf = None
+                    pieces.append(memoryview(self.buf)[: self.fill])
+                data = b"".join(pieces)
+                del pieces
+                for part in [*self.held, *([self.buf] if self.buf is not None else [])]:
+                    self.backend.give_buffer(part)
+                self.held, self.buf = [], None
 
                 async def put() -> None:
                     s3 = await self._s3()
@@ -175,9 +197,9 @@ class S3MultipartWriter(io.RawIOBase):
         for f in self.futures:
             f.cancel()
         concurrent.futures.wait(self.futures)
-        if self.buf is not None:
-            self.backend.give_buffer(self.buf)
-            self.buf = None
+        for part in [*self.held, *([self.buf] if self.buf is not None else [])]:
+            self.backend.give_buffer(part)
+        self.held, self.buf = [], None
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
 
