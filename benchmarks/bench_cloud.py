@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=128, help="payload in MiB (<= 256)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--only", help="comma-separated methods (default: all): " + ",".join(m for m, _ in METHODS))
+    p.add_argument(
+        "--only", help="comma-separated methods (default: all): " + ",".join(m for m, _ in METHODS)
+    )
     p.add_argument("--worker")
     args = p.parse_args(argv)
     if args.worker:
@@ -241,12 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MSC_CONFIG"] = str(work / "msc.json")
         methods = [m for m, _ in METHODS if not args.only or m in args.only.split(",")]
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, op): [] for m in methods for op in OPS}
-        # Rounds interleave the methods (moto's speed drifts as it ages), and every method's objects
+        # Rounds interleave the methods in a rotating order (moto's speed drifts as it ages), and every method's objects
         # are deleted after its load, so each method meets a server holding the same few objects.
         for rep in range(args.reps):
-            for method in methods:
+            for method in methods[rep % len(methods) :] + methods[: rep % len(methods)]:  # rotate the order
                 for op in OPS:
-                    task = {"method": method, "op": op, "endpoint": ep, "bucket": bucket, "mib": mib, "rep": rep}
+                    task = {
+                        "method": method,
+                        "op": op,
+                        "endpoint": ep,
+                        "bucket": bucket,
+                        "mib": mib,
+                        "rep": rep,
+                    }
                     r = C.run_worker(SCRIPT, task)
                     runs[(method, op)].append(r)
                     print(
@@ -320,13 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         "# Cloud benchmark: s3 on a local moto server",
         "",
         f"Payload {mib} MiB (8 fp32 tensors); {args.reps} rounds, each running every method once (save, then "
-        "load) in fresh processes, in the same order, objects deleted after each method; cells are median / best "
-        "MiB/s, ratios use medians; part/chunk "
+        "load) in fresh processes, the order rotated each round, objects deleted after each method; cells are "
+        "median / best MiB/s, ratios use medians. Objects up to 64 MiB go as one PUT for ckptio (multipart_threshold "
+        "= 2 parts), MSC (its default threshold) and DCP (s3fs); part/chunk "
         f"{PART // MiB} MiB x {CONCURRENCY}. Moto is the bottleneck (one Python process, whole-object copies on "
         "ranged GETs): compare rows, do not read these as S3 speeds. Extra RSS = peak RSS growth in the timed region.",
         "",
         C.markdown_table(
-            ["method", "save MiB/s med / best", "load MiB/s med / best", "save +RSS MiB", "load +RSS MiB", "load correct"], rows
+            [
+                "method",
+                "save MiB/s med / best",
+                "load MiB/s med / best",
+                "save +RSS MiB",
+                "load +RSS MiB",
+                "load correct",
+            ],
+            rows,
         ),
         "",
         "| target | value | result |",
