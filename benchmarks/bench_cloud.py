@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Payload {mib} MiB (8 fp32 tensors); {args.reps} rounds, each running every method once (save, then "
         "load) in fresh processes, the order rotated each round, objects deleted after each method; cells are "
         "median / best MiB/s, ratios use medians. Objects up to 64 MiB go as one PUT for ckptio (multipart_threshold "
-        "= 2 parts), MSC (its default threshold) and DCP (s3fs); part/chunk "
+        "= 2 parts) and for MSC (its default threshold); part/chunk "
         f"{PART // MiB} MiB x {CONCURRENCY}. Moto is the bottleneck (one Python process, whole-object copies on "
         "ranged GETs): compare rows, do not read these as S3 speeds. Extra RSS = peak RSS growth in the timed region.",
         "",
