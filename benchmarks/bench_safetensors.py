@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -249,6 +250,22 @@ def _ratio(summ: dict[str, Any], a: str, b: str, key: str = "s_med") -> float | 
     return y[key] / x[key]  # speed ratio from times
 
 
+def _storages(work: Path, wanted: str) -> dict[str, Path]:
+    """``disk``: the work dir (durable saves pay the disk); ``tmpfs``: ``/dev/shm``, where the
+    same fsyncs cost nothing and the rows measure the software alone (skipped if absent or small)."""
+    out: dict[str, Path] = {}
+    for name in [w for w in wanted.split(",") if w]:
+        if name == "disk":
+            out[name] = work
+        elif name == "tmpfs":
+            shm = Path("/dev/shm")
+            if shm.is_dir() and shutil.disk_usage(shm).free > 8 * C.GB:
+                out[name] = shm / f"ckptio-bench-{os.getpid()}"
+        else:
+            raise SystemExit(f"unknown storage {name!r} (disk, tmpfs)")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -258,10 +275,11 @@ def main() -> int:
         default=float(os.environ.get(C.SCALE_ENV) or DEFAULT_SCALE),
         help=f"state-dict scale (1.0 = 2.19 GB; default {DEFAULT_SCALE} = about 1 GB)",
     )
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="ckptio consolidation threads")
     ap.add_argument("--work", default=str(C.DEFAULT_WORK_DIR))
-    ap.add_argument("--only", default="", help="comma-separated row ids")
+    ap.add_argument("--storage", default="disk,tmpfs", help="where to write: disk, tmpfs (default both)")
+    ap.add_argument("--only", default="", help="comma-separated row ids (results are printed, not written)")
     args = ap.parse_args()
     if args.worker:
         return worker_main(json.loads(args.worker))
@@ -271,44 +289,56 @@ def main() -> int:
     only = {r for r in args.only.split(",") if r}
     facts = C.machine_facts(work)
     nbytes = C.spec_nbytes(C.llm_spec(args.scale))
+    storages = _storages(work, args.storage)
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
-    def run(kind: str, row: str, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        samples = []
-        for r in range(args.reps):
-            task = {"kind": kind, "row": row, "scale": args.scale, "work": str(work), **(extra or {})}
-            res = C.run_worker(SCRIPT, task, timeout=900)
-            samples.append(res)
-            if res.get("ok"):
-                log(
-                    f"{row} rep {r + 1}: {res['time_s']:.2f}s, {res['bytes'] / res['time_s'] / C.GB:.2f} GB/s, "
-                    f"extra RSS {res.get('extra_rss_mb', 0):.0f} MB"
-                )
-            else:
-                log(f"{row} rep {r + 1}: FAILED {res.get('error')}")
-        return samples
-
     summ: dict[str, Any] = {}
     raw: dict[str, Any] = {}
-    for row in SAVE_ROWS:
-        if not only or row in only:
-            raw[row] = run("save", row)
-            summ[row] = summarize(raw[row])
-    for row in LOAD_ROWS:
-        if not only or row in only:
-            raw[row] = run("load", row)
-            summ[row] = summarize(raw[row])
-    if not only or only & set(CONS_ROWS):
-        shard = C.run_worker(SCRIPT, {"kind": "shard", "scale": args.scale, "work": str(work)}, timeout=900)
-        log(f"2-rank sharded input: {shard}")
-        raw["sharded_input"] = shard
-        for row in CONS_ROWS:
-            if not only or row in only:
-                raw[row] = run("consolidate", row, {"workers": args.workers})
-                summ[row] = summarize(raw[row])
+
+    def rounds(
+        kind: str, rows: list[str], where: Path, key: str, extra: dict[str, Any] | None = None
+    ) -> None:
+        """``reps`` rounds over ``rows``, order rotated each round, so that drift (a shared disk,
+        other jobs) lands on every row alike; ratios then compare medians."""
+        samples: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+        for r in range(args.reps):
+            for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
+                task = {"kind": kind, "row": row, "scale": args.scale, "work": str(where), **(extra or {})}
+                res = C.run_worker(SCRIPT, task, timeout=900)
+                samples[row].append(res)
+                if res.get("ok"):
+                    log(
+                        f"{row}@{key} rep {r + 1}: {res['time_s']:.2f}s, "
+                        f"{res['bytes'] / res['time_s'] / C.GB:.2f} GB/s, extra RSS {res.get('extra_rss_mb', 0):.0f} MB"
+                    )
+                else:
+                    log(f"{row}@{key} rep {r + 1}: FAILED {res.get('error')}")
+        for row in rows:
+            raw[f"{row}@{key}"] = samples[row]
+            summ[f"{row}@{key}"] = summarize(samples[row])
+
+    def pick(group: dict[str, Any]) -> list[str]:
+        return [row for row in group if not only or row in only]
+
+    for key, where in storages.items():
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            rounds("save", pick(SAVE_ROWS), where, key)
+            if key == "disk":  # loads read a warm page cache: the storage does not matter
+                rounds("load", pick(LOAD_ROWS), where, key)
+            if pick(CONS_ROWS):
+                shard = C.run_worker(
+                    SCRIPT, {"kind": "shard", "scale": args.scale, "work": str(where)}, timeout=900
+                )
+                log(f"2-rank sharded input on {key}: {shard}")
+                raw[f"sharded_input@{key}"] = shard
+                rounds("consolidate", pick(CONS_ROWS), where, key, {"workers": args.workers})
+        finally:
+            if where != work:
+                shutil.rmtree(where, ignore_errors=True)
     elapsed = time.perf_counter() - t_start
     facts["loadavg_end"] = C.loadavg()
 
@@ -319,63 +349,82 @@ def main() -> int:
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
         targets.append({"target": name, "value": value, "want": want, "verdict": verdict})
 
-    r = _ratio(summ, "ckptio_save", "torch_hf_save")
-    target("save throughput vs torch HF writer", r, None if r is None else r >= 2.5, ">= 2.5x")
-    r = _ratio(summ, "ckptio_save", "save_file")
-    target("save throughput vs safetensors save_file", r, None if r is None else r >= 0.9, ">= 0.9x")
-    s = summ.get("ckptio_save") or {}
-    pct = 100 * s["extra_rss_mb"] / ck_mb if s.get("n") else None
-    target("save peak extra RSS, % of checkpoint", pct, None if pct is None else pct <= 10, "<= 10%")
-    r = _ratio(summ, "ckptio_consolidate", "torch_consolidate")
-    target("consolidation speed vs torch (durable)", r, None if r is None else r >= 2.0, ">= 2x")
-    r2 = _ratio(summ, "ckptio_consolidate", "torch_consolidate", "call_s_med")
-    target("consolidation speed vs torch (call, before fsync)", r2, None, "info")
-    a, b = summ.get("ckptio_consolidate") or {}, summ.get("torch_consolidate") or {}
-    if a.get("n") and b.get("n"):
+    for key in storages:
+        r = _ratio(summ, f"ckptio_save@{key}", f"torch_hf_save@{key}")
+        target(f"[{key}] save throughput vs torch HF writer", r, None if r is None else r >= 2.5, ">= 2.5x")
+        r = _ratio(summ, f"ckptio_save@{key}", f"save_file@{key}")
         target(
-            "consolidation peak extra RSS vs torch (MB)",
-            a["extra_rss_mb"],
-            a["extra_rss_mb"] < b["extra_rss_mb"],
-            f"< {b['extra_rss_mb']:.0f} MB",
+            f"[{key}] save throughput vs safetensors save_file", r, None if r is None else r >= 0.9, ">= 0.9x"
         )
+        s = summ.get(f"ckptio_save@{key}") or {}
+        pct = 100 * s["extra_rss_mb"] / ck_mb if s.get("n") else None
+        target(
+            f"[{key}] save peak extra RSS, % of checkpoint", pct, None if pct is None else pct <= 10, "<= 10%"
+        )
+        r = _ratio(summ, f"ckptio_consolidate@{key}", f"torch_consolidate@{key}")
+        target(f"[{key}] consolidation speed vs torch (durable)", r, None if r is None else r >= 2.0, ">= 2x")
+        r2 = _ratio(summ, f"ckptio_consolidate@{key}", f"torch_consolidate@{key}", "call_s_med")
+        target(f"[{key}] consolidation speed vs torch (call, before fsync)", r2, None, "info")
+        a, b = summ.get(f"ckptio_consolidate@{key}") or {}, summ.get(f"torch_consolidate@{key}") or {}
+        if a.get("n") and b.get("n"):
+            target(
+                f"[{key}] consolidation peak extra RSS vs torch (MB)",
+                a["extra_rss_mb"],
+                a["extra_rss_mb"] < b["extra_rss_mb"],
+                f"< {b['extra_rss_mb']:.0f} MB",
+            )
 
     rows = []
-    for row, (label, _) in {**SAVE_ROWS, **LOAD_ROWS, **CONS_ROWS}.items():
-        s = summ.get(row)
-        if s is None:
-            continue
-        if not s.get("n"):
-            rows.append([label, "0", "—", "—", "—", "—", s.get("error", "")[:100]])
-            continue
-        notes = []
-        if "correct" in s:
-            notes.append("correct" if s["correct"] else "**WRONG DATA**")
-        if "files" in s:
-            notes.append(f"{s['files']} files")
-        notes.append(f"loadavg {s['loadavg_med']:.1f}")
-        rows.append(
-            [
-                label,
-                str(s["n"]),
-                f"{C.fmt(s['s_best'])}/{C.fmt(s['s_med'])}",
-                f"{C.fmt(s['gbps_best'])}/{C.fmt(s['gbps_med'])}",
-                C.fmt(s.get("call_s_med")),
-                f"{s['extra_rss_mb']:.0f}",
-                ", ".join(notes),
-            ]
-        )
+    for key in storages:
+        for row, (label, _) in {**SAVE_ROWS, **LOAD_ROWS, **CONS_ROWS}.items():
+            s = summ.get(f"{row}@{key}")
+            if s is None:
+                continue
+            if not s.get("n"):
+                rows.append([label, key, "0", "—", "—", "—", "—", s.get("error", "")[:100]])
+                continue
+            notes = []
+            if "correct" in s:
+                notes.append("correct" if s["correct"] else "**WRONG DATA**")
+            if "files" in s:
+                notes.append(f"{s['files']} files")
+            notes.append(f"loadavg {s['loadavg_med']:.1f}")
+            rows.append(
+                [
+                    label,
+                    key,
+                    str(s["n"]),
+                    f"{C.fmt(s['s_best'])}/{C.fmt(s['s_med'])}",
+                    f"{C.fmt(s['gbps_best'])}/{C.fmt(s['gbps_med'])}",
+                    C.fmt(s.get("call_s_med")),
+                    f"{s['extra_rss_mb']:.0f}",
+                    ", ".join(notes),
+                ]
+            )
     lines = [
         f"# safetensors format ({facts['date']})\n",
         f"Machine: {facts.get('cpus')} CPUs ({facts.get('cpu_model', '?')}), {facts.get('ram_gib')} GiB RAM, work dir on "
         f"{facts.get('work_fs')}. torch {facts.get('torch')}, safetensors {facts.get('safetensors')}.\n",
-        f"State: {len(C.llm_spec(args.scale))} tensors, {nbytes / C.GB:.3f} GB (scale {args.scale}); {args.reps} reps per "
-        f"row, each in a fresh process. Saves: until durable (fsync of every file for everyone). Loads: warm page "
-        f"cache, into existing tensors. Consolidation: same 2-rank sharded input for both, output fsynced, "
-        f"ckptio with {args.workers} workers. Load average at start {C.fmt(facts.get('loadavg_start'))}, "
-        f"end {C.fmt(facts.get('loadavg_end'))} (other jobs share this machine: treat differences under ~30% as noise). "
-        f"Runtime {elapsed:.0f}s.\n",
+        f"State: {len(C.llm_spec(args.scale))} tensors, {nbytes / C.GB:.3f} GB (scale {args.scale}); {args.reps} rounds, "
+        f"each running every row of a group once in a fresh process, the order rotated each round; medians compare. "
+        f"Storage: *disk* is the work dir, *tmpfs* is /dev/shm (fsync is free there, so those rows time the software "
+        f"alone; on this VM's disk a durable write of 1 GB costs about 2 s whoever issues it). Saves: until durable "
+        f"(fsync of every file for everyone). Loads: warm page cache, into existing tensors. Consolidation: same "
+        f"2-rank sharded input for both, output fsynced, ckptio with {args.workers} workers. Load average at start "
+        f"{C.fmt(facts.get('loadavg_start'))}, end {C.fmt(facts.get('loadavg_end'))} (other jobs share this machine: "
+        f"treat differences under ~30% as noise). Runtime {elapsed:.0f}s.\n",
         C.markdown_table(
-            ["method", "n", "s best/med", "GB/s best/med", "call s med", "peak extra RSS MB", "notes"], rows
+            [
+                "method",
+                "storage",
+                "n",
+                "s best/med",
+                "GB/s best/med",
+                "call s med",
+                "peak extra RSS MB",
+                "notes",
+            ],
+            rows,
         ),
         "\n## Targets\n",
         C.markdown_table(
@@ -385,18 +434,20 @@ def main() -> int:
         "",
     ]
     md = "\n".join(lines)
-    C.write_results(
-        "safetensors",
-        md,
-        {
-            "facts": facts,
-            "scale": args.scale,
-            "bytes": nbytes,
-            "summary": summ,
-            "targets": targets,
-            "raw": raw,
-        },
-    )
+    if not only:
+        C.write_results(
+            "safetensors",
+            md,
+            {
+                "facts": facts,
+                "scale": args.scale,
+                "bytes": nbytes,
+                "storages": {k: str(v) for k, v in storages.items()},
+                "summary": summ,
+                "targets": targets,
+                "raw": raw,
+            },
+        )
     print(md)
     return 0
 

@@ -57,13 +57,17 @@ def panels_from_summary(name: str, doc: dict[str, Any]) -> list[Panel]:
             continue
         gbps = row.get("gbps_med") or row.get("gbps_best")
         if gbps:
-            by_op.setdefault(_op_of(method), {})[method.split(":")[0]] = float(gbps)
+            op = _op_of(method)
+            if "@" in method:  # bench_safetensors: "<row>@<storage>", one panel per storage
+                method, storage = method.split("@", 1)
+                op += f" [{storage}]"
+            by_op.setdefault(op, {})[method.split(":")[0]] = float(gbps)
     panels = []
     for op, bars in sorted(by_op.items()):
-        ref = summary.get(LIMITS.get(op, ""), {})
+        ref = summary.get(LIMITS.get(op.split(" [")[0], ""), {})
         limit = None
         if isinstance(ref, dict) and ref.get("gbps_med"):
-            limit = (LIMIT_LABEL[LIMITS[op]], float(ref["gbps_med"]))
+            limit = (LIMIT_LABEL[LIMITS[op.split(" [")[0]]], float(ref["gbps_med"]))
         panels.append({"title": f"{name}: {op}", "bars": bars, "limit": limit})
     return panels
 

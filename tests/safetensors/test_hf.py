@@ -201,7 +201,7 @@ def test_cli_consolidate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_ring_hands_out_fifo_and_wraps() -> None:
-    from ckptio_safetensors.consolidate import _Ring
+    from ckptio_safetensors.consolidation import _Ring
 
     ring = _Ring(100)
     a, b = ring.take(60), ring.take(30)

@@ -39,7 +39,7 @@ def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_consolidate(args: argparse.Namespace) -> int:
     """Run a parsed ``consolidate`` command; returns the exit status (errors are printed)."""
-    from .consolidate import consolidate
+    from .consolidation import consolidate
 
     t0 = time.perf_counter()
     try:

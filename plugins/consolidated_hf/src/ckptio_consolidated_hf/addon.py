@@ -264,7 +264,7 @@ class ConsolidatedHFAddon:
     def _from_checkpoint(
         self, ctx: AddonContext, key: str, work: str, ref_index: dict[str, Any] | None
     ) -> None:
-        from ckptio_safetensors.consolidate import consolidate
+        from ckptio_safetensors.consolidation import consolidate
 
         consolidate(
             ctx.backend.url(ctx.path),

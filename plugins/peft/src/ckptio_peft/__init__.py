@@ -2,26 +2,43 @@
 
 Save::
 
-    mgr = ckptio.CheckpointManager("ckpts", addons=[("peft", {"tokenizer": tok})])
-    mgr.save(step, {"model": ckptio.ModelState(peft_model), "optim": ckptio.OptimizerState(peft_model, opt)})
+    mgr = ckptio.CheckpointManager('ckpts', addons=[('peft', {'tokenizer': tok})])
+    mgr.save(step, {'model': ckptio.ModelState(peft_model), 'optim': ckptio.OptimizerState(peft_model, opt)})
     # ckpts/step_00000100/ now loads with peft.PeftModel.from_pretrained(base_model, that_dir)
 
 Load an adapter written by ckptio or by ``save_pretrained``, from any backend::
 
-    ckptio_peft.load_adapter(peft_model, "s3://bucket/run/step_00000100")
+    ckptio_peft.load_adapter(peft_model, 's3://bucket/run/step_00000100')
 """
 
-from .adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    AdapterLoadResult,
-    adapter_names,
-    load_adapter,
-    peft_config_json,
-    read_adapter,
-)
-from .addon import PeftAddon
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ckptio._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names below are imported on first use (see ckptio._lazy)
+    from .adapter import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        AdapterLoadResult,
+        adapter_names,
+        load_adapter,
+        peft_config_json,
+        read_adapter,
+    )
+    from .addon import PeftAddon
+
+_EXPORTS = {
+    "ADAPTER_CONFIG": ".adapter",
+    "adapter_names": ".adapter",
+    "ADAPTER_WEIGHTS": ".adapter",
+    "AdapterLoadResult": ".adapter",
+    "load_adapter": ".adapter",
+    "peft_config_json": ".adapter",
+    "PeftAddon": ".addon",
+    "read_adapter": ".adapter",
+}
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -32,3 +49,4 @@ __all__ = [
     "peft_config_json",
     "read_adapter",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
