@@ -53,7 +53,7 @@ def panels_from_summary(name: str, doc: dict[str, Any]) -> list[Panel]:
     summary = doc["summary"]
     by_op: dict[str, dict[str, float]] = {}
     for method, row in summary.items():
-        if not isinstance(row, dict) or method.startswith("ref:") or not row.get("n"):
+        if not isinstance(row, dict) or method.startswith("ref:") or "floor" in method or not row.get("n"):
             continue
         gbps = row.get("gbps_med") or row.get("gbps_best")
         if gbps:
