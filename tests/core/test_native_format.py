@@ -236,7 +236,7 @@ def test_damaged_manifest_is_corrupt(tmp_path: Path) -> None:
     ck = tmp_path / "ck"
     ckptio.save({"w": torch.ones(3)}, str(ck))
     path = ck / MANIFEST_NAME
-    path.write_text(path.read_text().replace('"world_size": 1', '"world_size": 2'))
+    path.write_text(path.read_text().replace('"world_size":1', '"world_size":2'))
     with pytest.raises(ckptio.CorruptCheckpointError, match="manifest checksum mismatch"):
         ckptio.load({"w": torch.zeros(3)}, str(ck))
 

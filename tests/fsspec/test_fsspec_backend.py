@@ -302,7 +302,9 @@ def test_missing_driver_names_the_package() -> None:
 
 
 @pytest.mark.parametrize(("size", "parts"), [(10 * MiB, 0), (10 * MiB + 1, 3), (3 * MiB, 0)])
-def test_objects_up_to_the_threshold_are_one_put(s3_server: Any, s3_bucket: str, size: int, parts: int) -> None:
+def test_objects_up_to_the_threshold_are_one_put(
+    s3_server: Any, s3_bucket: str, size: int, parts: int
+) -> None:
     """Objects of at most ``multipart_threshold`` (default two parts) are one PutObject; larger ones are
     multipart uploads (their ETag ends in ``-<parts>``)."""
     _, be = open_backend(f"s3://{s3_bucket}", dict(s3_server.storage_options(), part_size=5 * MiB))

@@ -140,3 +140,19 @@ def test_safetensors_on_msc(profiles: Any) -> None:
     out = empty_plain()
     ckptio.load(out, profiles.url("s3", "st"))
     check_plain(out)
+
+
+@pytest.mark.parametrize(("size", "parts"), [(10 * MiB, 0), (10 * MiB + 1, 3), (3 * MiB, 0)])
+def test_objects_up_to_the_threshold_are_one_put(
+    profiles: Any, s3_server: Any, s3_bucket: str, size: int, parts: int
+) -> None:
+    """As in ckptio-fsspec: up to ``multipart_threshold`` (default two parts) one PutObject, above it
+    a multipart upload (ETag ``...-<parts>``)."""
+    _, be = open_backend(profiles.url("s3"), {"part_size": 5 * MiB})
+    payload = os.urandom(size)
+    with be.open_write(f"s3/obj{size}.bin") as f:
+        for i in range(0, size, 2 * MiB):
+            f.write(payload[i : i + 2 * MiB])
+    etag = s3_server.client().head_object(Bucket=s3_bucket, Key=f"obj{size}.bin")["ETag"].strip('"')
+    assert etag.endswith(f"-{parts}") if parts else "-" not in etag
+    assert be.read_bytes(f"s3/obj{size}.bin") == payload

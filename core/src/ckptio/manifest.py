@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import xxhash
@@ -42,10 +42,13 @@ class Manifest:
         return sum(int(f.get("size", 0)) for f in self.files.values())
 
     def to_bytes(self) -> bytes:
-        body = asdict(self)
+        # Compact JSON both times: ``indent`` would switch json to its pure-Python encoder, and a
+        # shallow dict avoids ``asdict``'s deep copy; together they cost ~0.1 s per save for 200
+        # tensors, seconds for a large sharded model. ``jq . manifest.json`` pretty-prints it.
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
         body["checksum"] = "xxh3_64:" + xxhash.xxh3_64_hexdigest(text.encode())
-        return json.dumps(body, sort_keys=True, indent=1, allow_nan=False).encode()
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:

@@ -15,7 +15,8 @@ Why not MSC's own ``open("wb")``: it keeps the whole object in a ``BytesIO`` unt
 i.e. a checkpoint file's full size in RAM. Instead, on ``s3`` providers (boto3 client) writes are a
 parallel multipart upload of ``part_size`` parts through the provider's boto3 client, at most
 ``concurrency`` in flight per backend, so memory stays near ``part_size x (concurrency + writers)``
-and nothing touches local disk. Other providers (gcs, azure, oci, ais...) have no multipart API
+and nothing touches local disk; objects up to ``multipart_threshold`` (default two parts, the 64 MiB
+MSC itself uses) are held and sent with one ``PutObject``. Other providers (gcs, azure, oci, ais...) have no multipart API
 that MSC exposes per part, so their writes spool into a ``SpooledTemporaryFile`` (in memory up to
 ``part_size``, then a local temporary file) which MSC's ``upload_file`` sends with the provider's
 own parallel transfer manager on close: bounded memory, at the price of a local temp copy.
@@ -93,7 +94,16 @@ class _Profiles:
 
 
 def _pop_options(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("part_size", "concurrency", "read_chunk_size", "attempts", "backoff", "max_backoff", "msc_config")
+    keys = (
+        "part_size",
+        "concurrency",
+        "multipart_threshold",
+        "read_chunk_size",
+        "attempts",
+        "backoff",
+        "max_backoff",
+        "msc_config",
+    )
     return {k: options.pop(k) for k in keys if k in options}
 
 
@@ -120,6 +130,7 @@ class MscBackend(Backend):
         profiles: _Profiles | None = None,
         part_size: int = DEFAULT_PART_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        multipart_threshold: int | None = None,
         read_chunk_size: int | None = None,
         attempts: int = 5,
         backoff: float = 0.2,
@@ -132,6 +143,8 @@ class MscBackend(Backend):
         self.profiles = profiles or _Profiles(msc_config)
         self.part_size = int(part_size)
         self.concurrency = max(1, int(concurrency))
+        # objects up to this size are one PutObject (as MSC's own 64 MiB multipart_threshold)
+        self.multipart_threshold = max(self.part_size, int(multipart_threshold or 2 * self.part_size))
         self.read_chunk_size = int(read_chunk_size or part_size)
         self.policy = RetryPolicy(attempts=max(1, int(attempts)), base_delay=backoff, max_delay=max_backoff)
         self.errors = ErrorMapper()
@@ -305,15 +318,25 @@ class _S3Parts(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
-        size = self.backend.part_size
+        size, threshold = self.backend.part_size, self.backend.multipart_threshold
         pos = 0
         while pos < len(mv):
             if self.failed is not None:
                 raise self.failed
-            take = min(size - len(self.buf), len(mv) - pos)
+            if self.upload_id is None and len(self.buf) == threshold:
+                # more data than one PutObject takes: cut what is held into parts (the first
+                # _send starts the multipart upload)
+                held, self.buf = self.buf, bytearray()
+                for k in range(0, len(held), size):
+                    self.buf = held[k : k + size]
+                    if len(self.buf) == size:
+                        self._send()
+                del held
+            limit = threshold if self.upload_id is None else size
+            take = min(limit - len(self.buf), len(mv) - pos)
             self.buf += mv[pos : pos + take]
             pos += take
-            if len(self.buf) == size:
+            if self.upload_id is not None and len(self.buf) == size:
                 self._send()
         return len(mv)
 
