@@ -189,7 +189,7 @@ def _worker_shard(task: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_consolidate(task: dict[str, Any]) -> dict[str, Any]:
     row, scale = task["row"], task["scale"]
-    import ckptio_safetensors
+    from ckptio_safetensors import consolidate  # resolved (imported) before timing, like torch's below
     from safetensors import safe_open
     from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
 
@@ -203,7 +203,7 @@ def _worker_consolidate(task: dict[str, Any]) -> dict[str, Any]:
     with C.PeakRss() as mem:
         t0 = time.perf_counter()
         if row == "ckptio_consolidate":
-            ckptio_safetensors.consolidate(str(src), str(out), workers=task.get("workers", 2), progress=False)
+            consolidate(str(src), str(out), workers=task.get("workers", 2), progress=False)
         else:
             out.mkdir(parents=True)
             consolidate_safetensors_files(str(src), str(out), fqn_to_index_mapping=dict.fromkeys(names, 1))
