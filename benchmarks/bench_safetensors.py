@@ -404,7 +404,7 @@ def main() -> int:
             peer = (summ.get(f"{row}@{key}") or {}).get("s_med")
             if floor and peer:
                 target(
-                    f"[{key}] best ratio any writer could reach vs {what} (its time / floor)",
+                    f"[{key}] {what} time / dd-style floor time (what a plain write+fsync leaves to gain)",
                     peer / floor,
                     None,
                     "info",
