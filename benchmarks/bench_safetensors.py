@@ -306,7 +306,7 @@ def main() -> int:
         default=float(os.environ.get(C.SCALE_ENV) or DEFAULT_SCALE),
         help=f"state-dict scale (1.0 = 2.19 GB; default {DEFAULT_SCALE} = about 1 GB)",
     )
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2, help="ckptio consolidation threads")
     ap.add_argument("--work", default=str(C.DEFAULT_WORK_DIR))
     ap.add_argument("--storage", default="disk,tmpfs", help="where to write: disk, tmpfs (default both)")
@@ -338,6 +338,8 @@ def main() -> int:
         for r in range(args.reps if rows else 0):
             for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
                 task = {"kind": kind, "row": row, "scale": args.scale, "work": str(where), **(extra or {})}
+                os.sync()
+                time.sleep(1.0)  # let writeback and the previous worker's memory (torch's: 2 GB) settle
                 res = C.run_worker(SCRIPT, task, timeout=900)
                 samples[row].append(res)
                 if res.get("ok"):
