@@ -73,14 +73,22 @@ def panels_from_summary(name: str, doc: dict[str, Any]) -> list[Panel]:
 
 
 def panels_from_cloud(name: str, doc: dict[str, Any]) -> list[Panel]:
-    """``{"results": {method: {op: {"best_mib_s": x}}}}`` (bench_cloud)."""
+    """``{"results": {method: {op: {"median_mib_s": x, "best_mib_s": y}}}}`` (bench_cloud; older
+    files have only ``best_mib_s``)."""
     by_op: dict[str, dict[str, float]] = {}
+    which = "median"
     for method, ops in doc["results"].items():
         for op, row in (ops or {}).items():
-            if isinstance(row, dict) and row.get("best_mib_s"):
-                by_op.setdefault(op, {})[method] = row["best_mib_s"] * 2**20 / 1e9
+            if not isinstance(row, dict):
+                continue
+            value = row.get("median_mib_s")
+            if value is None and row.get("best_mib_s"):
+                value, which = row["best_mib_s"], "best"
+            if value:
+                by_op.setdefault(op, {})[method] = value * 2**20 / 1e9
     return [
-        {"title": f"{name}: {op} (best)", "bars": bars, "limit": None} for op, bars in sorted(by_op.items())
+        {"title": f"{name}: {op} ({which})", "bars": bars, "limit": None}
+        for op, bars in sorted(by_op.items())
     ]
 
 
