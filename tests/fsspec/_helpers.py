@@ -93,3 +93,21 @@ def save_then_load_sharded(
     """One spawn for both directions (spawning ranks is the slow part): N-rank save, N-rank load."""
     save_sharded(rank, world, save_to)
     return load_sharded(rank, world, load_from)
+
+
+THRESHOLD_CASES = [(10 * (1 << 20), 0), (10 * (1 << 20) + 1, 3), (3 * (1 << 20), 0)]
+
+
+def check_put_or_multipart(
+    be: Any, path: str, client: Any, bucket: str, key: str, size: int, parts: int
+) -> None:
+    """Stream ``size`` bytes to ``path`` in 2 MiB writes through a backend with 5 MiB parts and the
+    default threshold (two parts): ``parts == 0`` expects one PutObject, else a multipart upload of
+    ``parts`` parts (S3's ETag for those ends in ``-<parts>``). The bytes must read back equal."""
+    payload = os.urandom(size)
+    with be.open_write(path) as f:
+        for i in range(0, size, 2 << 20):
+            f.write(payload[i : i + (2 << 20)])
+    etag = client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    assert etag.endswith(f"-{parts}") if parts else "-" not in etag
+    assert be.read_bytes(path) == payload
