@@ -95,6 +95,8 @@ def verify(url: str, *, storage_options: dict[str, Any] | None = None) -> int:
 
     Raises :class:`~ckptio.CorruptCheckpointError` naming the first damaged file.
     """
+    import xxhash
+
     from .errors import CorruptCheckpointError
 
     u, backend = open_backend(url, storage_options)
@@ -107,8 +109,6 @@ def verify(url: str, *, storage_options: dict[str, Any] | None = None) -> int:
             digest = info.get("xxh3")
             if digest is None:
                 continue
-            import xxhash
-
             p = backend.join(u.path, name)
             data = backend.read_bytes(p)
             if len(data) != info["size"] or xxhash.xxh3_64_hexdigest(data) != digest:

@@ -153,9 +153,7 @@ class S3MultipartWriter(io.RawIOBase):
                     pieces.append(memoryview(self.buf)[: self.fill])
                 data = b"".join(pieces)
                 del pieces
-                for part in [*self.held, *([self.buf] if self.buf is not None else [])]:
-                    self.backend.give_buffer(part)
-                self.held, self.buf = [], None
+                self._release_buffers()
 
                 async def put() -> None:
                     s3 = await self._s3()
@@ -192,14 +190,18 @@ class S3MultipartWriter(io.RawIOBase):
             self.backend.fs.invalidate_cache(self.backend.fspath(self.path))
             super().close()
 
+    def _release_buffers(self) -> None:
+        """Give the held parts and the filling buffer back to the backend's pool."""
+        for part in [*self.held, *([self.buf] if self.buf is not None else [])]:
+            self.backend.give_buffer(part)
+        self.held, self.buf = [], None
+
     def abort(self) -> None:
         """Cancel pending parts and abort the multipart upload (best effort, never raises)."""
         for f in self.futures:
             f.cancel()
         concurrent.futures.wait(self.futures)
-        for part in [*self.held, *([self.buf] if self.buf is not None else [])]:
-            self.backend.give_buffer(part)
-        self.held, self.buf = [], None
+        self._release_buffers()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
 

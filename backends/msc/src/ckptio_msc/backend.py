@@ -144,7 +144,10 @@ class MscBackend(Backend):
         self.part_size = int(part_size)
         self.concurrency = max(1, int(concurrency))
         # objects up to this size are one PutObject (as MSC's own 64 MiB multipart_threshold)
-        self.multipart_threshold = max(self.part_size, int(multipart_threshold or 2 * self.part_size))
+        self.multipart_threshold = max(
+            self.part_size,
+            int(multipart_threshold) if multipart_threshold is not None else 2 * self.part_size,
+        )
         self.read_chunk_size = int(read_chunk_size or part_size)
         self.policy = RetryPolicy(attempts=max(1, int(attempts)), base_delay=backoff, max_delay=max_backoff)
         self.errors = ErrorMapper()

@@ -5,8 +5,8 @@ Use it with a ``safetensors+`` URL prefix (``safetensors+file:///ckpt``, ``safet
 back. Every byte goes through the backend's file API (streaming ``open_write``, ranged
 ``read_into``), so the format works on every backend.
 
-Layout of a checkpoint saved from ``{'model': ModelState(m), 'optim': OptimizerState(m, o),
-'step': 10, 'w': tensor}`` by N ranks::
+Layout of a checkpoint saved from ``{"model": ModelState(m), "optim": OptimizerState(m, o),
+"step": 10, "w": tensor}`` by N ranks::
 
     manifest.json                     ckptio commit record: DCP metadata as JSON, per-chunk
                                       file/position/length/xxh3-64 (written last)
@@ -30,7 +30,7 @@ Loads reshard to any world size through DCP's planner; destinations are filled b
 (only the rows needed when resharding without verification). A directory written by
 ``save_pretrained`` (``model.safetensors`` or sharded with ``model.safetensors.index.json``) has
 no manifest and is detected; its tensors go under the state's single top-level entry
-(``{'model': ModelState(m)}``) or at the top level (a flat dict), or under ``prefix=``, with an
+(``{"model": ModelState(m)}``) or at the top level (a flat dict), or under ``prefix=``, with an
 optional ``key_mapping={regex: replacement}`` (first match wins).
 
 :func:`consolidate` turns any of these into ``model-0000i-of-0000N.safetensors`` + index for

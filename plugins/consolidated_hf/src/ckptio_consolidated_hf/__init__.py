@@ -2,9 +2,9 @@
 
 ::
 
-    mgr = ckptio.CheckpointManager('ckpts', addons=[('consolidated-hf', {'mode': 'final', 'tokenizer': tok})])
-    mgr.save(step, {'model': ckptio.ModelState(model)}, final=True)
-    AutoModelForCausalLM.from_pretrained('ckpts/step_00000100/consolidated')
+    mgr = ckptio.CheckpointManager("ckpts", addons=[("consolidated-hf", {"mode": "final", "tokenizer": tok})])
+    mgr.save(step, {"model": ckptio.ModelState(model)}, final=True)
+    AutoModelForCausalLM.from_pretrained("ckpts/step_00000100/consolidated")
 """
 
 from __future__ import annotations

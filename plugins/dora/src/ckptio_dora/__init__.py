@@ -1,6 +1,6 @@
 """ckptio-dora: DoRA magnitude keys in the HF PEFT on-disk form.
 
-Use as an addon (``addons=['dora']``) or call the rename functions directly (the ``peft`` addon
+Use as an addon (``addons=["dora"]``) or call the rename functions directly (the ``peft`` addon
 does, for ``adapter_model.safetensors``).
 """
 

@@ -2,13 +2,13 @@
 
 Save::
 
-    mgr = ckptio.CheckpointManager('ckpts', addons=[('peft', {'tokenizer': tok})])
-    mgr.save(step, {'model': ckptio.ModelState(peft_model), 'optim': ckptio.OptimizerState(peft_model, opt)})
+    mgr = ckptio.CheckpointManager("ckpts", addons=[("peft", {"tokenizer": tok})])
+    mgr.save(step, {"model": ckptio.ModelState(peft_model), "optim": ckptio.OptimizerState(peft_model, opt)})
     # ckpts/step_00000100/ now loads with peft.PeftModel.from_pretrained(base_model, that_dir)
 
 Load an adapter written by ckptio or by ``save_pretrained``, from any backend::
 
-    ckptio_peft.load_adapter(peft_model, 's3://bucket/run/step_00000100')
+    ckptio_peft.load_adapter(peft_model, "s3://bucket/run/step_00000100")
 """
 
 from __future__ import annotations
