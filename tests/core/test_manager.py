@@ -33,6 +33,7 @@ def test_steps_latest_and_loads(tmp_path: Path) -> None:
         assert mgr.steps() == [10, 20, 30] and mgr.latest_step() == 30
         assert (tmp_path / LATEST_NAME).read_text() == "step_00000030\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".ckptio-lock",  # the run lock, held while this manager writes
             LATEST_NAME,
             "step_00000010",
             "step_00000020",
@@ -78,8 +79,13 @@ def test_uncommitted_steps_do_not_exist(tmp_path: Path) -> None:
         with pytest.raises(ckptio.IncompleteCheckpointError, match="never committed"):
             _load(mgr, 2)
         assert _load(mgr)["step"] == 1
-        mgr.save(4, _state(4))  # the next save removes leftovers
-        assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST_NAME, step_name(1), step_name(4)]
+        mgr.save(4, _state(4))  # the next save removes leftovers (their owners are gone)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".ckptio-lock",
+            LATEST_NAME,
+            step_name(1),
+            step_name(4),
+        ]
 
 
 def test_retention_keep_latest_and_best(tmp_path: Path) -> None:

@@ -121,14 +121,25 @@ def test_background_failure_is_raised_once(tmp_path: Path, hook: str, surfaced_b
         assert_holds(check, check.latest_step(), float(check.latest_step()))
 
 
-def test_unwritable_target_fails_in_background(tmp_path: Path) -> None:
-    # /dev/null is a file, so nothing can be created under it, whoever runs the test (even root)
+def test_unwritable_root_fails_at_the_first_save(tmp_path: Path) -> None:
+    # /dev/null is a file, so nothing can be created under it, whoever runs the test (even root).
+    # The run lock is taken before staging, so even an async save says so at once.
     with ckptio.CheckpointManager("/dev/null/ckptio-test", async_save=True) as mgr:
-        assert mgr.save(1, big_state(1.0)) is None  # staging succeeds; the write fails later
-        with pytest.raises(ckptio.AsyncSaveError, match="step 1") as info:
+        with pytest.raises(ckptio.StorageError, match="ckptio-lock"):
+            mgr.save(1, big_state(1.0))
+        mgr.wait()
+
+
+def test_unwritable_step_fails_in_background(tmp_path: Path) -> None:
+    with ckptio.CheckpointManager(str(tmp_path), async_save=True) as mgr:
+        mgr.save(1, big_state(1.0))
+        mgr.wait()
+        (tmp_path / "step_00000002").write_text("a file where the step directory goes")
+        assert mgr.save(2, big_state(2.0)) is None  # staging succeeds; the commit fails later
+        with pytest.raises(ckptio.AsyncSaveError, match="step 2"):
             mgr.wait()
-        assert isinstance(info.value.__cause__, ckptio.StorageError), repr(info.value.__cause__)
         mgr.wait()  # raised once
+        assert mgr.steps() == [1]
 
 
 def test_sync_and_async_write_the_same_bytes(tmp_path: Path) -> None:

@@ -78,6 +78,32 @@ class Backend(abc.ABC):
     def makedirs(self, path: str) -> None:
         """Create a directory and its parents (object stores have nothing to do)."""
 
+    def resolve(self, path: str) -> str:
+        """The canonical form of a user-given root ``path``, resolved once when a URL is opened.
+
+        On POSIX this follows the symlinks *the user* put in the path they passed (a run root
+        that links to another disk is saved through, never replaced). Everything below the
+        resolved path belongs to the checkpoint, and the local backend never follows a symlink
+        there. Object stores have no symlinks: the default returns ``path`` unchanged.
+        """
+        return path
+
+    def create_bytes(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` only if nothing is there yet; return whether it did.
+
+        Backends override this with the store's atomic primitive (``O_EXCL``/``link(2)`` on POSIX,
+        a conditional ``PutObject`` with ``If-None-Match: *`` on S3), so that of two writers
+        exactly one wins. This default checks then writes, which is *not* atomic; such backends
+        should say so in :attr:`atomic_create`.
+        """
+        if self.exists(path):
+            return False
+        self.write_bytes(path, data)
+        return True
+
+    #: Whether :meth:`create_bytes` is atomic on this store (two racing creators: one wins).
+    atomic_create: ClassVar[bool] = False
+
     def rename(self, src: str, dst: str) -> None:
         """Atomically rename ``src`` to ``dst`` (only backends with ``commit_mode == "rename"``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot rename atomically")
@@ -90,7 +116,10 @@ class Backend(abc.ABC):
         return None
 
     def read_bytes(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        """Read ``length`` bytes at ``offset`` (to the end when ``None``); ranged on object stores."""
+        """Read ``length`` bytes at ``offset`` (to the end when ``None``); ranged on object stores.
+
+        Callers that read metadata use :func:`read_limited`, which checks the size first.
+        """
         with self.open_read(path) as f:
             f.seek(offset)
             return f.read() if length is None else f.read(length)
@@ -147,3 +176,28 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_limited(backend: Backend, path: str, limit: int, what: str = "file") -> bytes:
+    """Read a whole small file (manifest, pointer, index...) that must not exceed ``limit`` bytes.
+
+    The size is checked *before* anything is read, so a sparse multi-GiB file or one that lies
+    about its size cannot make ckptio allocate without bound; exactly ``size`` bytes are then
+    read, never "to the end". Raises :class:`~ckptio.errors.CorruptCheckpointError` when it is
+    too large or changes size under us, and passes the backend's not-found error through.
+    """
+    from .errors import CorruptCheckpointError
+
+    size = backend.size(path)
+    where = backend.url(path)
+    if size > limit:
+        raise CorruptCheckpointError(
+            f"{where}: {what} is {size} bytes, more than the {limit} allowed; refusing to read it",
+            path=where,
+        )
+    data = backend.read_bytes(path, 0, size) if size else b""
+    if len(data) != size:
+        raise CorruptCheckpointError(
+            f"{where}: {what} changed size while being read ({len(data)} of {size} bytes)", path=where
+        )
+    return data

@@ -16,7 +16,9 @@ at any moment leaves either the previous checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,24 +29,24 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from . import _dist
 from .addons import AddonContext, AddonSet
-from .backend import Backend
+from .backend import Backend, read_limited
+from .commit import Target, parse_leftover, recover, split_parent
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    ConcurrentWriteError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    StateMismatchError,
     translate,
 )
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from .planner import SafeLoadPlanner, SafeSavePlanner
 from .plugins import backend_factory, format_names, get_format
 from .state import PerRank, RNGState
 from .url import URL, parse_url
 
 log = logging.getLogger("ckptio")
-
-PARTIAL_SUFFIX = ".ckptio-partial"
-OLD_SUFFIX = ".ckptio-old"
 
 
 @dataclass
@@ -92,16 +94,15 @@ def open_backend(url: str | URL, storage_options: dict[str, Any] | None = None) 
         raise translate(exc, f"opening the {u.scheme}:// backend for {u}") from exc
 
 
-def staging_path(backend: Backend, path: str) -> str:
-    parent, name = path.rstrip("/").rsplit("/", 1) if "/" in path.rstrip("/") else ("", path)
-    return backend.join(parent, f".{name}{PARTIAL_SUFFIX}") if parent else f".{name}{PARTIAL_SUFFIX}"
-
-
 def read_manifest(backend: Backend, path: str) -> Manifest | None:
-    """The manifest at ``path``, ``None`` when there is none; damaged ones raise."""
+    """The manifest at ``path``, ``None`` when there is none; damaged ones raise.
+
+    The size is checked before reading (:func:`~ckptio.backend.read_limited`), so a huge sparse
+    file or a device planted as ``manifest.json`` is refused without being read.
+    """
     mpath = backend.join(path, MANIFEST_NAME)
     try:
-        data = backend.read_bytes(mpath)
+        data = read_limited(backend, mpath, MAX_MANIFEST_BYTES, "manifest")
     except (CheckpointNotFoundError, FileNotFoundError):
         return None
     return Manifest.from_bytes(data, backend.url(mpath))
@@ -145,52 +146,73 @@ def restore_state(state: dict[str, Any], expanded: dict[str, Any], rank: int) ->
 
 
 # -- save ----------------------------------------------------------------------------------
-def prepare_target(
-    backend: Backend,
-    final: str,
-    *,
-    overwrite: bool,
-    what: str,
-    hint: str = "pass overwrite=True to replace it",
-) -> str:
-    """Make room for a new checkpoint at ``final``; return where its files go until the commit.
+_MAX_METADATA_DEPTH = 64
 
-    ``rename`` backends get an empty staging directory beside ``final`` (the old checkpoint stays
-    loadable until the commit); ``marker`` backends write in place, so the old manifest is removed
-    first, which makes the old checkpoint invisible before any of it is overwritten.
+
+def check_metrics(metrics: Any) -> dict[str, float | str]:
+    """Validate step metrics before anything is written; return them in manifest form.
+
+    Accepts Python and numpy numbers and 0-d tensors. NaN and infinities are kept (a diverged run
+    is worth recording) as the strings ``"nan"``, ``"inf"`` and ``"-inf"``, which survive JSON and
+    which :class:`~ckptio.KeepBest` skips.
     """
-    if not overwrite and backend.exists(backend.join(final, MANIFEST_NAME)):
-        raise CheckpointError(f"{what} already holds a committed checkpoint ({hint})")
-    if backend.commit_mode == "rename":
-        data_dir = staging_path(backend, final)
-        backend.remove(data_dir, recursive=True)
-        backend.makedirs(data_dir)
-        return data_dir
-    backend.remove(backend.join(final, MANIFEST_NAME))
-    backend.remove(final, recursive=True)
-    backend.makedirs(final)
-    return final
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise StateMismatchError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    out: dict[str, float | str] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise StateMismatchError(f"metric names must be strings, got {name!r}")
+        if hasattr(value, "item") and getattr(value, "ndim", getattr(value, "dim", lambda: 0)) in (0, ()):
+            value = value.item()  # 0-d tensor or numpy scalar
+        elif hasattr(value, "item") and callable(getattr(value, "numel", None)) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StateMismatchError(
+                f"metric {name!r} is {type(value).__name__}, not a number; pass float(value)"
+            )
+        f = float(value)
+        out[name] = f if math.isfinite(f) else ("nan" if math.isnan(f) else ("inf" if f > 0 else "-inf"))
+    return out
 
 
-def commit_target(backend: Backend, data_dir: str, final: str, manifest: bytes) -> None:
-    """Write ``manifest.json`` last, then (``rename`` backends) swap the staging directory in.
+def decode_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metrics as stored in a manifest, back to floats (``"nan"`` -> ``float("nan")``)."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif value in ("nan", "inf", "-inf"):
+            out[name] = float(value)
+    return out
 
-    A replaced checkpoint is moved aside first and removed only after the new one is in place;
-    the manager rolls an interrupted swap forward on its next save or load.
-    """
-    backend.write_bytes(backend.join(data_dir, MANIFEST_NAME), manifest)
-    if backend.commit_mode != "rename":
-        return
-    backend.fsync_dir(data_dir)
-    old = data_dir.removesuffix(PARTIAL_SUFFIX) + OLD_SUFFIX
-    replaced = backend.exists(final)
-    if replaced:
-        backend.remove(old, recursive=True)
-        backend.rename(final, old)
-    backend.rename(data_dir, final)
-    backend.fsync_dir(final.rstrip("/").rsplit("/", 1)[0] or "/")
-    if replaced:
-        backend.remove(old, recursive=True)
+
+def check_user_metadata(metadata: Any) -> dict[str, Any]:
+    """``metadata=`` must be a JSON object of bounded depth; checked before any data is written."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise StateMismatchError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}")
+
+    def depth(x: Any, d: int) -> None:
+        if d > _MAX_METADATA_DEPTH:
+            raise StateMismatchError(f"metadata is nested deeper than {_MAX_METADATA_DEPTH} levels")
+        if isinstance(x, dict):
+            for v in x.values():
+                depth(v, d + 1)
+        elif isinstance(x, list):
+            for v in x:
+                depth(v, d + 1)
+
+    depth(metadata, 0)
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StateMismatchError(
+            f"metadata must hold JSON values only (str, finite numbers, bools, None, lists, dicts): {exc}"
+        ) from exc
+    return dict(metadata)
 
 
 def save_checkpoint(
@@ -209,6 +231,7 @@ def save_checkpoint(
     is_final: bool = False,
     run_after_commit: bool = True,
     addon_state: dict[str, Any] | None = None,
+    path: str | None = None,
     **format_options: Any,
 ) -> tuple[SaveResult, AddonContext]:
     """The full save protocol (see the module docstring). Returns the result and the addon
@@ -221,67 +244,87 @@ def save_checkpoint(
     rank, world = _dist.rank_and_size(pg)
     fmt = get_format(format or u.format or "native")
     addons = addons or AddonSet()
-    final = u.path
-    data_dir = staging_path(backend, final) if backend.commit_mode == "rename" else final
+    # everything a user can get wrong is refused before a byte is written
+    stored_metrics = check_metrics(metrics)
+    stored_user = check_user_metadata(user_metadata)
+    # the user's own symlinks in the URL are followed once; ``path`` is already resolved (a
+    # manager's step: a symlink planted as step_N must never lead the save elsewhere)
+    final = backend.resolve(u.path) if path is None else path
 
-    _dist.on_coordinator(lambda: prepare_target(backend, final, overwrite=overwrite, what=str(u)), pg)
+    def prepare() -> tuple[str, str]:
+        target = Target.prepare(backend, final, overwrite=overwrite, what=str(u))
+        targets[target.token] = target
+        return target.token, target.data_dir
+
+    targets: dict[str, Target] = {}
+    token, data_dir = _dist.on_coordinator(prepare, pg, share_result=True)  # type: ignore[misc]
     t_prep = time.perf_counter()
 
-    expanded = expand_state(state, rank)
-    ctx = AddonContext(
-        op="save",
-        url=u,
-        backend=backend,
-        path=final,
-        write_path=data_dir,
-        step=step,
-        rank=rank,
-        world_size=world,
-        process_group=pg,
-        state=addon_state if addon_state is not None else state,
-        is_final=is_final,
-    )
-    addons.hook.on_save_start(ctx=ctx)
-    addons.hook.transform_state_dict(ctx=ctx, state_dict=expanded)
-    writer = fmt.storage_writer(backend, data_dir, **format_options)
+    def abort() -> None:
+        for target in targets.values():
+            target.abort()
+
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(
-                expanded,
-                storage_writer=writer,
-                planner=SafeSavePlanner(),
-                process_group=pg,
-                no_dist=not _dist.active(pg),
-            )
-    except (KeyboardInterrupt, SystemExit):
+        expanded = expand_state(state, rank)
+        ctx = AddonContext(
+            op="save",
+            url=u,
+            backend=backend,
+            path=final,
+            write_path=data_dir,
+            step=step,
+            rank=rank,
+            world_size=world,
+            process_group=pg,
+            state=addon_state if addon_state is not None else state,
+            is_final=is_final,
+        )
+        addons.hook.on_save_start(ctx=ctx)
+        addons.hook.transform_state_dict(ctx=ctx, state_dict=expanded)
+        writer = fmt.storage_writer(backend, data_dir, **format_options)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(
+                    expanded,
+                    storage_writer=writer,
+                    planner=SafeSavePlanner(),
+                    process_group=pg,
+                    no_dist=not _dist.active(pg),
+                )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            raise translate(exc, f"save to {u}") from exc
+        t_write = time.perf_counter()
+        addons.hook.on_tensors_written(ctx=ctx)
+        artifacts: dict[str, dict[str, Any]] = {}
+        for part in _dist.all_gather(ctx.artifacts, pg):
+            artifacts.update(part)
+    except BaseException:
+        if rank == 0:  # DCP reports a failure to every rank once all are done writing
+            abort()
         raise
-    except BaseException as exc:  # DCP's CheckpointException is a BaseException
-        if rank == 0 and data_dir != final:
-            # DCP reports a failure to every rank once all are done writing: drop the staging dir
-            try:
-                backend.remove(data_dir, recursive=True)
-            except Exception as cleanup_exc:  # the next save removes it anyway
-                log.warning("could not remove %s: %s", backend.url(data_dir), cleanup_exc)
-        raise translate(exc, f"save to {u}") from exc
-    t_write = time.perf_counter()
-    addons.hook.on_tensors_written(ctx=ctx)
-    artifacts: dict[str, dict[str, Any]] = {}
-    for part in _dist.all_gather(ctx.artifacts, pg):
-        artifacts.update(part)
 
     def commit() -> Manifest:
+        target = targets[token]
         manifest = Manifest(
             format=fmt.name,
             files={**writer.files, **artifacts},
             format_metadata=writer.format_metadata,
             world_size=world,
             step=step,
-            metrics=dict(metrics or {}),
+            metrics=stored_metrics,  # type: ignore[arg-type]
             addons=list(addons.names),
-            user=dict(user_metadata or {}),
+            user=stored_user,
         )
-        commit_target(backend, data_dir, final, manifest.to_bytes())
+        try:
+            data = manifest.to_bytes()
+            target.check_files(manifest.files)
+        except BaseException:
+            target.abort()
+            raise
+        target.commit(data)
         return manifest
 
     manifest = _dist.on_coordinator(commit, pg)
@@ -312,7 +355,7 @@ def save_checkpoint(
 
 
 # -- load ----------------------------------------------------------------------------------
-def find_format(backend: Backend, u: URL, manifest: Manifest | None) -> Any:
+def find_format(backend: Backend, u: URL, manifest: Manifest | None, path: str | None = None) -> Any:
     """The format of the checkpoint at ``u``: from its manifest, or detected for foreign ones."""
     if manifest is not None:
         if u.format and u.format != manifest.format:
@@ -324,17 +367,33 @@ def find_format(backend: Backend, u: URL, manifest: Manifest | None) -> Any:
                 manifest.format,
             )
         return get_format(manifest.format)
+    path = u.path if path is None else path
     candidates = [u.format] if u.format else [n for n in format_names() if n != "native"]
     for name in candidates:
         fmt = get_format(name)
-        if fmt.detect(backend, u.path):
+        if fmt.detect(backend, path):
             return fmt
-    partial = staging_path(backend, u.path)
-    if backend.exists(partial) or backend.listdir(u.path):
+    parent, name = split_parent(backend, path)
+    staged = any((p := parse_leftover(e)) and p[0] == name for e in backend.listdir(parent))
+    if staged or backend.listdir(path):
         raise IncompleteCheckpointError(
             f"{u} has no {MANIFEST_NAME}: the save that wrote it did not finish (or it is not a ckptio checkpoint)"
         )
     raise CheckpointNotFoundError(f"no checkpoint at {u}")
+
+
+def _replaced(backend: Backend, path: str, manifest: Manifest, pg: Any) -> bool:
+    """Whether the checkpoint at ``path`` is no longer the one whose manifest the load started with."""
+
+    return bool(_dist.on_coordinator(lambda: _changed(backend, path, manifest), pg, share_result=True))
+
+
+def _changed(backend: Backend, path: str, manifest: Manifest) -> bool:
+    try:
+        now = read_manifest(backend, path)
+    except CheckpointError:
+        return True
+    return now is None or now.created != manifest.created or now.files != manifest.files
 
 
 def load_checkpoint(
@@ -348,6 +407,7 @@ def load_checkpoint(
     addons: AddonSet | None = None,
     storage_options: dict[str, Any] | None = None,
     step: int | None = None,
+    path: str | None = None,
     **format_options: Any,
 ) -> LoadResult:
     """Load the checkpoint at ``url`` into ``state`` in place (resharding as needed)."""
@@ -358,15 +418,24 @@ def load_checkpoint(
     pg = process_group
     rank, world = _dist.rank_and_size(pg)
     addons = addons or AddonSet()
-    manifest = _dist.on_coordinator(lambda: read_manifest(backend, u.path), pg, share_result=True)
-    fmt = find_format(backend, u, manifest)
+    path = backend.resolve(u.path) if path is None else path
+
+    def touch() -> Manifest | None:
+        try:  # an interrupted replacement of this URL is finished before reading it
+            recover(backend, path)
+        except CheckpointError as exc:  # read-only storage: load what is there
+            log.warning("could not check %s for an interrupted save: %s", u, exc)
+        return read_manifest(backend, path)
+
+    manifest = _dist.on_coordinator(touch, pg, share_result=True)
+    fmt = find_format(backend, u, manifest, path)
     expanded = expand_state(state, rank)
     ctx = AddonContext(
         op="load",
         url=u,
         backend=backend,
-        path=u.path,
-        write_path=u.path,
+        path=path,
+        write_path=path,
         step=step if step is not None else (manifest.step if manifest else None),
         rank=rank,
         world_size=world,
@@ -378,7 +447,14 @@ def load_checkpoint(
     addons.hook.transform_state_dict(ctx=ctx, state_dict=expanded)
     if manifest is None:  # a foreign checkpoint: let the format see where the state wants its tensors
         format_options.setdefault("state_keys", list(expanded))
-    reader = fmt.storage_reader(backend, u.path, manifest, verify=verify, **format_options)
+    try:
+        reader = fmt.storage_reader(backend, path, manifest, verify=verify, **format_options)
+    except CheckpointError as exc:  # per rank, so no collective here
+        if manifest is not None and _changed(backend, path, manifest):
+            raise ConcurrentWriteError(
+                f"{u} was replaced by another save while it was being loaded; load it again"
+            ) from exc
+        raise
     per_rank = [k for k, v in state.items() if isinstance(v, (PerRank, RNGState))]
     planner = SafeLoadPlanner(strict=strict, per_rank_keys=per_rank, rank=rank)
     try:
@@ -399,7 +475,16 @@ def load_checkpoint(
             err, CheckpointError
         ):  # pragma: no cover
             err = CorruptCheckpointError(str(exc))
+        if manifest is not None and _replaced(backend, path, manifest, pg):
+            raise ConcurrentWriteError(
+                f"{u} was replaced by another save while it was being loaded; load it again"
+            ) from exc
         raise err from exc
+    if manifest is not None and _replaced(backend, path, manifest, pg):
+        # with verify=False a mix of two saves would otherwise go unnoticed
+        raise ConcurrentWriteError(
+            f"{u} was replaced by another save while it was being loaded; load it again"
+        )
     addons.hook.restore_state_dict(ctx=ctx, state_dict=expanded)
     restore_state(state, expanded, rank)
     addons.hook.on_load_end(ctx=ctx)

@@ -79,6 +79,25 @@ class StorageAuthError(StorageError, PermissionError):
     """The storage refused the credentials (HTTP 401/403, bad key)."""
 
 
+class ConcurrentWriteError(CheckpointError):
+    """Another writer committed, replaced or deleted the same checkpoint while this one worked.
+
+    The checkpoint at the URL is whole (the other writer's); this save did not publish anything.
+    """
+
+
+class RunLockedError(CheckpointError):
+    """Another live process holds the run lock of a series root (see ``docs/commit-protocol.md``).
+
+    ``holder`` has the lock file's fields (host, pid, heartbeat...). Pass ``takeover=True`` to
+    :class:`~ckptio.CheckpointManager` to take the run over once you know the other job is gone.
+    """
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
 class AsyncSaveError(CheckpointError):
     """A background save failed; raised on the next ``save``, ``wait`` or ``close``."""
 

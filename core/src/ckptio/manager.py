@@ -26,16 +26,23 @@ from typing import Any
 from . import _dist
 from .addons import AddonSet, AddonSpecLike
 from .checkpoint import (
-    OLD_SUFFIX,
-    PARTIAL_SUFFIX,
     LoadResult,
     SaveResult,
+    check_metrics,
+    decode_metrics,
     load_checkpoint,
     open_backend,
     read_manifest,
     save_checkpoint,
 )
-from .errors import AsyncSaveError, CheckpointError, CheckpointNotFoundError
+from .commit import Heartbeat, holder_alive, parse_leftover, read_holder, recover
+from .errors import (
+    AsyncSaveError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    RunLockedError,
+)
 from .manifest import MANIFEST_NAME
 from .retention import KeepAll, RetentionPolicy, StepInfo
 from .staging import HostStager
@@ -44,6 +51,7 @@ from .url import URL
 log = logging.getLogger("ckptio.manager")
 
 LATEST_NAME = "latest"
+LOCK_NAME = ".ckptio-lock"
 _STEP_RE = re.compile(r"^step_(\d{1,18})$")
 
 
@@ -62,6 +70,11 @@ class CheckpointManager:
     :param addons: addons active for every save and load of this manager.
     :param storage_options: passed to the backend.
     :param process_group: the ranks taking part (default: the default group, if initialised).
+    :param takeover: take the run lock even when another live process holds it. The lock is
+        taken on the first ``save()`` or ``delete()``; a second manager writing the same root is
+        refused with :class:`~ckptio.RunLockedError` naming the holder (host, pid), because two
+        jobs interleaving steps in one run is never what anyone wants. Use ``takeover=True``
+        once you know the other job is gone (or must yield): it then stops at its next save.
     :param save_options: passed to every save (format options such as ``thread_count``).
     """
 
@@ -75,11 +88,15 @@ class CheckpointManager:
         addons: Iterable[AddonSpecLike] = (),
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
+        takeover: bool = False,
         **save_options: Any,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight!r}: must be >= 1")
         self.root, self.backend = open_backend(root_url, storage_options)
+        self.root_path = self.backend.resolve(self.root.path)
+        self.takeover = takeover
+        self._run_lock: Heartbeat | None = None
         self.retention = retention or KeepAll()
         self.async_save = async_save
         self.max_in_flight = max_in_flight
@@ -111,7 +128,7 @@ class CheckpointManager:
 
     # -- discovery ----------------------------------------------------------------------------
     def _step_path(self, step: int) -> str:
-        return self.backend.join(self.root.path, step_name(step))
+        return self.backend.join(self.root_path, step_name(step))
 
     def url_of(self, step: int) -> URL:
         """The URL of one step's checkpoint."""
@@ -123,7 +140,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
         out = []
-        for name in self.backend.listdir(self.root.path):
+        for name in self.backend.listdir(self.root_path):
             m = _STEP_RE.match(name)
             if m and self._is_committed(int(m.group(1))):
                 out.append(int(m.group(1)))
@@ -132,8 +149,9 @@ class CheckpointManager:
     def all_steps(self) -> dict[int, bool]:
         """Every step directory seen, committed or not (``ckptio ls``)."""
         out: dict[int, bool] = {}
-        for name in self.backend.listdir(self.root.path):
-            m = _STEP_RE.match(name.lstrip(".").removesuffix(PARTIAL_SUFFIX).removesuffix(OLD_SUFFIX))
+        for name in self.backend.listdir(self.root_path):
+            parsed = parse_leftover(name)
+            m = _STEP_RE.match(parsed[0] if parsed else name)
             if m:
                 step = int(m.group(1))
                 out[step] = out.get(step, False) or (name == step_name(step) and self._is_committed(step))
@@ -143,7 +161,9 @@ class CheckpointManager:
         """The newest committed step: the ``latest`` pointer when valid, else a scan."""
         try:
             text = (
-                self.backend.read_bytes(self.backend.join(self.root.path, LATEST_NAME))[:64].decode().strip()
+                self.backend.read_bytes(self.backend.join(self.root_path, LATEST_NAME), 0, 64)
+                .decode()
+                .strip()
             )
             m = _STEP_RE.match(text)
             if m and self._is_committed(int(m.group(1))):
@@ -154,13 +174,15 @@ class CheckpointManager:
                 log.warning("ignoring invalid %s pointer %r under %s", LATEST_NAME, text[:64], self.root)
         except (CheckpointNotFoundError, FileNotFoundError, UnicodeDecodeError):
             pass
+        except CheckpointError as exc:  # a pointer that is a FIFO, a link...: it is only a hint
+            log.warning("ignoring the %s pointer under %s: %s", LATEST_NAME, self.root, exc)
         steps = self.steps()
         return steps[-1] if steps else None
 
     def metrics(self, step: int) -> dict[str, float]:
         if step not in self._metrics_cache:
             m = read_manifest(self.backend, self._step_path(step))
-            self._metrics_cache[step] = dict(m.metrics) if m else {}
+            self._metrics_cache[step] = decode_metrics(m.metrics) if m else {}
         return self._metrics_cache[step]
 
     # -- save ---------------------------------------------------------------------------------
@@ -175,54 +197,92 @@ class CheckpointManager:
                     f"background save of step {step} to {self.url_of(step)} failed: {exc}"
                 ) from exc
 
-    def _recover_replaced(self, busy: set[int]) -> None:
-        """Finish replacing a committed step when a crash cut the replacement between its renames.
+    # -- the run lock -------------------------------------------------------------------------
+    def _lock_path(self) -> str:
+        return self.backend.join(self.root_path, LOCK_NAME)
 
-        Saving over committed ``step_N`` moves it aside to ``.step_N.ckptio-old``, then renames the
-        complete new copy into place. A crash in between leaves no ``step_N``, possibly the only
-        good checkpoint: roll forward when the new copy has its manifest, else roll back.
-        """
-        if self.backend.commit_mode != "rename":
+    def _acquire(self) -> None:
+        """Hold the run lock (coordinator only): one live writer per series root."""
+        if self._run_lock is not None:
+            if self._run_lock.lost is not None:
+                h = self._run_lock.lost
+                raise RunLockedError(
+                    f"{self.root} was taken over by another process (host {h.get('host')!r}, pid "
+                    f"{h.get('pid')}); this manager stopped writing it",
+                    h,
+                )
             return
-        names = set(self.backend.listdir(self.root.path))
-        for name in sorted(names):
-            final = name.lstrip(".").removesuffix(OLD_SUFFIX)
-            m = _STEP_RE.match(final)
-            if not name.endswith(OLD_SUFFIX) or not m or final in names or int(m.group(1)) in busy:
-                continue
-            partial = f".{final}{PARTIAL_SUFFIX}"
-            for src in (partial, name):
-                if src in names and self.backend.exists(
-                    self.backend.join(self.root.path, src, MANIFEST_NAME)
-                ):
-                    try:
-                        self.backend.rename(
-                            self.backend.join(self.root.path, src), self.backend.join(self.root.path, final)
-                        )
-                        log.warning("recovered %s from %s (a save over it was interrupted)", final, src)
-                    except CheckpointError as exc:
-                        log.warning("could not recover %s from %s: %s", final, src, exc)
-                    break
+
+        def acquire() -> None:
+            lock = Heartbeat(self.backend, self._lock_path())
+            if not lock.create():
+                holder = read_holder(self.backend, self._lock_path()) or {}
+                if holder and holder_alive(holder) and not self.takeover:
+                    raise RunLockedError(
+                        f"another process (host {holder.get('host')!r}, pid {holder.get('pid')}) is writing "
+                        f"{self.root}. Two jobs must not write one run; if that job is gone or must stop, "
+                        "pass takeover=True (CLI: --takeover) to take the run over",
+                        holder,
+                    )
+                if holder:
+                    log.warning(
+                        "taking over %s from %s (host %r, pid %s)",
+                        self.root,
+                        "a live process" if holder_alive(holder) else "a dead process",
+                        holder.get("host"),
+                        holder.get("pid"),
+                    )
+                lock.write()
+            if not lock.is_ours():
+                raise RunLockedError(f"another process took the lock of {self.root} at the same moment")
+            lock.start(verify=True)
+            self._run_lock = lock
+            self._remove_stale_temps()
+
+        _dist.on_coordinator(acquire, self.process_group)
+        if self._run_lock is None:  # other ranks: a placeholder so they do not ask again
+            self._run_lock = Heartbeat(self.backend, self._lock_path())
+
+    def _remove_stale_temps(self) -> None:
+        """Temporary files of an interrupted ``latest`` rewrite (only the lock holder writes it)."""
+        for name in self.backend.listdir(self.root_path):
+            if name.startswith(f".{LATEST_NAME}.") and name.endswith(".tmp"):
+                try:
+                    self.backend.remove(self.backend.join(self.root_path, name))
+                except CheckpointError as exc:
+                    log.warning("could not remove %s: %s", name, exc)
+
+    def _release(self) -> None:
+        lock, self._run_lock = self._run_lock, None
+        if lock is None or lock._thread is None:
+            return
+        lock.stop(remove=False)
+        if lock.lost is None and lock.is_ours():
+            self.backend.remove(lock.path)
 
     def _cleanup_partials(self, keep: set[int]) -> None:
+        """Finish interrupted replacements and drop dead leftovers of earlier saves.
+
+        Only leftovers whose lease is dead are touched (see :mod:`ckptio.commit`), so saves in
+        flight, this manager's or another process's, keep their staging directories.
+        """
+
         def clean() -> None:
-            self._recover_replaced(keep)
-            for name in self.backend.listdir(self.root.path):
-                base = name.lstrip(".").removesuffix(PARTIAL_SUFFIX).removesuffix(OLD_SUFFIX)
-                m = _STEP_RE.match(base)
-                if not m or int(m.group(1)) in keep:
-                    continue
-                step = int(m.group(1))
+            names = set()
+            for entry in self.backend.listdir(self.root_path):
+                parsed = parse_leftover(entry)
+                m = _STEP_RE.match(parsed[0]) if parsed else None
+                if m and int(m.group(1)) not in keep:
+                    names.add(parsed[0])  # type: ignore[index]
+            for name in sorted(names):
+                path = self.backend.join(self.root_path, name)
                 with self._lock:
-                    being_deleted = self._step_path(step) in self._deleting
-                if being_deleted:  # retention's thread is on it; removing it twice costs the caller
-                    continue
-                if name != base or not self._is_committed(step):
-                    log.info("removing leftovers of an interrupted save: %s", name)
-                    try:
-                        self.backend.remove(self.backend.join(self.root.path, name), recursive=True)
-                    except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
-                        log.warning("could not remove leftovers %s: %s", name, exc)
+                    if path in self._deleting:  # retention's thread is on it
+                        continue
+                try:
+                    recover(self.backend, path)
+                except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
+                    log.warning("could not clean leftovers of %s: %s", name, exc)
 
         _dist.on_coordinator(clean, self.process_group)
 
@@ -244,6 +304,7 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step={step!r}: must be a non-negative integer")
         self._raise_pending()
+        self._acquire()
         if not self.async_save:
             self._cleanup_partials(set())
             result = self._save_now(step, state, state, metrics, final, metadata, self.process_group)
@@ -305,6 +366,7 @@ class CheckpointManager:
             user_metadata=metadata,
             is_final=final,
             addon_state=user_state,
+            path=self._step_path(step),
             **options,
         )
         if staging is not None:
@@ -316,12 +378,18 @@ class CheckpointManager:
                 self._stagers[0].bytes_staged / 1e6,
                 result.seconds,
             )
-        self._metrics_cache[step] = dict(metrics or {})
+        self._metrics_cache[step] = decode_metrics(check_metrics(metrics))
 
         def publish() -> None:
-            self.backend.write_bytes(
-                self.backend.join(self.root.path, LATEST_NAME), (step_name(step) + "\n").encode()
-            )
+            try:
+                self.backend.write_bytes(
+                    self.backend.join(self.root_path, LATEST_NAME), (step_name(step) + "\n").encode()
+                )
+            except CheckpointError as exc:
+                # the step is committed; the pointer is only a hint (latest_step() scans without it)
+                log.warning(
+                    "step %d is committed, but the %s pointer was not updated: %s", step, LATEST_NAME, exc
+                )
             self._apply_retention()
 
         _dist.on_coordinator(publish, pg)
@@ -376,7 +444,8 @@ class CheckpointManager:
         self.backend.remove(path, recursive=True)
 
     def delete(self, step: int, *, force: bool = False) -> None:
-        """Delete one step now; refuses protected steps unless ``force``."""
+        """Delete one step now; refuses protected steps unless ``force``. Takes the run lock."""
+        self._acquire()
         if not force and step in self.protected_steps():
             raise CheckpointError(
                 f"step {step} is protected (newest committed or resumed-from); pass force=True to delete it"
@@ -394,7 +463,6 @@ class CheckpointManager:
     ) -> LoadResult:
         """Load ``step`` (default: the newest committed one) into ``state`` in place."""
         self.wait()
-        _dist.on_coordinator(lambda: self._recover_replaced(set()), self.process_group)
         if step in ("latest", None):
             resolved = self.latest_step()
             if resolved is None:
@@ -403,8 +471,6 @@ class CheckpointManager:
             resolved = step
             if not self._is_committed(step):
                 if step in self.all_steps():
-                    from .errors import IncompleteCheckpointError
-
                     raise IncompleteCheckpointError(f"step {step} under {self.root} was never committed")
                 raise CheckpointNotFoundError(f"no step {step} under {self.root} (committed: {self.steps()})")
         else:
@@ -418,6 +484,7 @@ class CheckpointManager:
             process_group=self.process_group,
             addons=self.addons,
             step=resolved,
+            path=self._step_path(resolved),
         )
         self.resumed_from = resolved
         return result
@@ -442,7 +509,10 @@ class CheckpointManager:
             if self._deleter_thread is not None and self._deleter_thread.is_alive():
                 self._deleter.put(None)
                 self._deleter_thread.join(timeout=60)
-            self.backend.close()
+            try:
+                self._release()
+            finally:
+                self.backend.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

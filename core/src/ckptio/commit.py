@@ -1,0 +1,448 @@
+"""The commit protocol: how a checkpoint (or any directory ckptio publishes) becomes visible.
+
+It is safe with several writers and removers on one root, which happens on clusters when a job
+restarts while processes of the old one are still alive. The rules (docs/commit-protocol.md):
+
+1. **Unique staging.** Each save writes into its own location, named with a random token:
+   ``.<name>.<token>.ckptio-partial`` beside the target on ``rename`` stores. Nothing else ever
+   has that name, so no writer can empty or recreate another's files.
+2. **Leases.** Beside each staging location lies ``.<name>.<token>.ckptio-lease``: host, boot id,
+   pid and a heartbeat refreshed every :data:`HEARTBEAT_S` seconds while the save runs. Another
+   process removes a staging location only when its lease is dead: the owner's process is gone
+   (same host), or its heartbeat is older than :data:`LEASE_TIMEOUT_S` (other hosts).
+3. **Commit only what this save wrote.** Before the manifest is written, every file the save
+   produced is checked to be there with its size. On ``rename`` stores the staging directory is
+   renamed into place; a target that appeared meanwhile is never merged into (``rename(2)``
+   refuses a non-empty directory), so of two writers one wins whole and the other gets
+   :class:`~ckptio.errors.ConcurrentWriteError`. On ``marker`` stores (object stores) the
+   manifest is created with the store's conditional put when replacing is not allowed.
+4. **Roll forward or back on the next touch.** Replacing a committed checkpoint moves it aside
+   to ``.<name>.<token>.ckptio-old`` first. A crash between the two renames leaves no target; the
+   next save or load of that URL (any URL, not only a manager's steps) renames the complete new
+   copy in when it has its manifest, or the old one back otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import Backend, read_limited
+from .errors import CheckpointError, CheckpointNotFoundError, ConcurrentWriteError, CorruptCheckpointError
+from .manifest import MANIFEST_NAME
+
+log = logging.getLogger("ckptio.commit")
+
+PARTIAL_SUFFIX = ".ckptio-partial"
+OLD_SUFFIX = ".ckptio-old"
+LEASE_SUFFIX = ".ckptio-lease"
+#: Seconds between two heartbeats of a live lease.
+HEARTBEAT_S = 10.0
+#: A lease from another host whose heartbeat is older than this is dead. Generous on purpose:
+#: a stalled file system or a paused process must not lose its staging directory.
+LEASE_TIMEOUT_S = 300.0
+_MAX_LEASE_BYTES = 4096
+_LEFTOVER_RE = re.compile(
+    r"^\.(?P<name>.+?)(?:\.(?P<token>[0-9a-f]{12}))?(?P<kind>\.ckptio-partial|\.ckptio-old|\.ckptio-lease)$"
+)
+
+
+def leftover_name(name: str, token: str, suffix: str) -> str:
+    """``.<name>.<token><suffix>``: a staging, moved-aside or lease entry of target ``name``."""
+    return f".{name}.{token}{suffix}"
+
+
+def parse_leftover(entry: str) -> tuple[str, str | None, str] | None:
+    """``(target name, token, suffix)`` of a protocol entry, ``None`` for anything else.
+
+    Entries from ckptio 0.1 have no token (``.step_5.ckptio-partial``); they have no owner that
+    could still be alive and are treated as dead.
+    """
+    m = _LEFTOVER_RE.match(entry)
+    if m is None:
+        return None
+    return m.group("name"), m.group("token"), m.group("kind")
+
+
+def split_parent(backend: Backend, path: str) -> tuple[str, str]:
+    """``(parent, name)`` of a backend path."""
+    stripped = path.rstrip("/")
+    if "/" not in stripped:
+        return "", stripped
+    parent, name = stripped.rsplit("/", 1)
+    return parent or "/", name
+
+
+def _sibling(backend: Backend, parent: str, entry: str) -> str:
+    return backend.join(parent, entry) if parent else entry
+
+
+# -- process identity and leases ---------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (so a recycled pid is not mistaken for the owner)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def identity() -> dict[str, Any]:
+    """Who this process is, as written into leases and the run lock."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "pid_start": _start_time(pid)}
+
+
+def holder_alive(info: dict[str, Any], timeout: float = LEASE_TIMEOUT_S) -> bool:
+    """Whether the process described by a lease or lock is still alive.
+
+    On the same host (same boot) the process table answers at once, so a SIGKILLed writer's
+    leftovers are reclaimed by the next touch. Elsewhere only the heartbeat's age can tell.
+    """
+    me = identity()
+    pid = info.get("pid")
+    if info.get("host") == me["host"] and info.get("boot_id") == me["boot_id"] and isinstance(pid, int):
+        if pid == me["pid"]:
+            return True
+        start = _start_time(pid)
+        return start is not None and (info.get("pid_start") in (None, start))
+    beat = info.get("heartbeat")
+    return isinstance(beat, (int, float)) and time.time() - float(beat) < timeout
+
+
+def read_holder(backend: Backend, path: str) -> dict[str, Any] | None:
+    """The JSON body of a lease or lock file; ``None`` when missing or unreadable."""
+    try:
+        body = json.loads(read_limited(backend, path, _MAX_LEASE_BYTES, "lease"))
+    except (CheckpointNotFoundError, FileNotFoundError):
+        return None
+    except (CheckpointError, ValueError, UnicodeDecodeError):
+        return {}  # damaged: no owner can be proven alive
+    return body if isinstance(body, dict) else {}
+
+
+class Heartbeat:
+    """A file holding this process's identity, rewritten every ``interval`` seconds by a thread.
+
+    Used for staging leases and for the run lock. ``on_lost`` is called (from the thread) when
+    ``check`` says the file is no longer ours, e.g. a run lock another process took over.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        path: str,
+        extra: dict[str, Any] | None = None,
+        interval: float = HEARTBEAT_S,
+    ) -> None:
+        self.backend = backend
+        self.path = path
+        self.token = uuid.uuid4().hex[:12]
+        self.body = {**identity(), "token": self.token, "started": time.time(), **(extra or {})}
+        self.interval = interval
+        self.lost: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def payload(self) -> bytes:
+        return json.dumps({**self.body, "heartbeat": time.time()}, sort_keys=True).encode()
+
+    def write(self) -> None:
+        self.backend.write_bytes(self.path, self.payload())
+
+    def create(self) -> bool:
+        return self.backend.create_bytes(self.path, self.payload())
+
+    def is_ours(self) -> bool:
+        body = read_holder(self.backend, self.path)
+        return bool(body) and body.get("token") == self.token  # type: ignore[union-attr]
+
+    def start(self, verify: bool = False) -> None:
+        self._verify = verify
+        self._thread = threading.Thread(target=self._run, name="ckptio-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self._verify and not self.is_ours():
+                    self.lost = read_holder(self.backend, self.path) or {}
+                    return
+                self.write()
+            except Exception as exc:  # a missed beat is survivable; the timeout is generous
+                log.warning("heartbeat of %s failed: %s", self.backend.url(self.path), exc)
+
+    def stop(self, remove: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if remove:
+            try:
+                self.backend.remove(self.path)
+            except Exception as exc:  # an orphaned lease only delays someone's cleanup
+                log.warning("could not remove %s: %s", self.backend.url(self.path), exc)
+
+
+# -- recovery ------------------------------------------------------------------------------------
+def _has_manifest(backend: Backend, path: str) -> bool:
+    try:
+        return backend.exists(backend.join(path, MANIFEST_NAME))
+    except CheckpointError:
+        return False
+
+
+def recover(backend: Backend, final: str, *, protect: frozenset[str] = frozenset()) -> None:
+    """Finish or undo interrupted replacements of ``final``, and drop its dead leftovers.
+
+    Only entries whose lease is dead are touched, so a save still running elsewhere keeps its
+    staging directory. ``protect`` lists tokens never to touch (this process's own saves).
+    """
+    if backend.commit_mode != "rename":
+        return
+    parent, name = split_parent(backend, final)
+    groups: dict[str | None, dict[str, str]] = {}
+    for entry in backend.listdir(parent):
+        parsed = parse_leftover(entry)
+        if parsed is None or parsed[0] != name:
+            continue
+        groups.setdefault(parsed[1], {})[parsed[2]] = entry
+    if not groups:
+        return
+    dead: dict[str | None, dict[str, str]] = {}
+    for token, entries in groups.items():
+        if token in protect:
+            continue
+        lease = entries.get(LEASE_SUFFIX)
+        body = read_holder(backend, _sibling(backend, parent, lease)) if lease else None
+        if token is None or not body or not holder_alive(body):
+            dead[token] = entries
+    if not dead:
+        return
+    if not backend.exists(final):
+        # roll forward to a complete new copy, else back to the copy that was moved aside
+        for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX):
+            for entries in dead.values():
+                src = entries.get(suffix)
+                if src and _has_manifest(backend, _sibling(backend, parent, src)):
+                    try:
+                        backend.rename(_sibling(backend, parent, src), final)
+                        backend.fsync_dir(parent or "/")
+                        log.warning("recovered %s from %s (an interrupted replacement)", final, src)
+                        del entries[suffix]
+                    except CheckpointError as exc:
+                        log.warning("could not recover %s from %s: %s", final, src, exc)
+                    break
+            else:
+                continue
+            break
+    final_exists = backend.exists(final)
+    for entries in dead.values():
+        for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX, LEASE_SUFFIX):
+            leftover = entries.get(suffix)
+            if leftover is None:
+                continue
+            # a moved-aside committed copy is the only copy while nothing is at ``final``
+            if suffix == OLD_SUFFIX and not final_exists:
+                continue
+            try:
+                backend.remove(_sibling(backend, parent, leftover), recursive=True)
+                log.info("removed %s, left by an interrupted save", leftover)
+            except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
+                log.warning("could not remove leftover %s: %s", leftover, exc)
+
+
+def live_tokens(backend: Backend, parent: str) -> set[str]:
+    """Tokens of the staging locations under ``parent`` whose lease is alive."""
+    out = set()
+    for entry in backend.listdir(parent):
+        parsed = parse_leftover(entry)
+        if parsed and parsed[1] and parsed[2] == LEASE_SUFFIX:
+            body = read_holder(backend, _sibling(backend, parent, entry))
+            if body and holder_alive(body):
+                out.add(parsed[1])
+    return out
+
+
+# -- one publication -----------------------------------------------------------------------------
+def _nonempty_without_manifest(backend: Backend, path: str) -> bool:
+    return bool(backend.listdir(path)) and not _has_manifest(backend, path)
+
+
+@dataclass
+class Target:
+    """One publication at ``final``: prepare, write into :attr:`data_dir`, then commit or abort.
+
+    Used by every save, by ``ckptio cp`` and by consolidation. ``replace_foreign`` allows replacing
+    a non-empty location that is not a ckptio checkpoint (a Hugging Face directory being
+    re-exported); without it, such a location is never replaced, whatever ``overwrite`` says,
+    because it may be a whole run.
+    """
+
+    backend: Backend
+    final: str
+    data_dir: str
+    overwrite: bool
+    what: str
+    token: str = ""
+    lease: Heartbeat | None = None
+    committed: bool = False
+    _parent: str = field(default="", repr=False)
+    _name: str = field(default="", repr=False)
+
+    @classmethod
+    def prepare(
+        cls,
+        backend: Backend,
+        final: str,
+        *,
+        overwrite: bool,
+        what: str,
+        hint: str = "pass overwrite=True to replace it",
+        replace_foreign: bool = False,
+    ) -> Target:
+        parent, name = split_parent(backend, final)
+        recover(backend, final)
+        if backend.exists(final):
+            if backend.commit_mode == "rename" and not backend.is_dir(final):
+                raise CheckpointError(
+                    f"{what} is a file, not a checkpoint directory; ckptio will not replace it"
+                )
+            if _has_manifest(backend, final):
+                if not overwrite:
+                    raise CheckpointError(f"{what} already holds a committed checkpoint ({hint})")
+            elif backend.listdir(final) and not replace_foreign:
+                raise CheckpointError(
+                    f"{what} already holds files that are not a ckptio checkpoint (a run root or "
+                    "another tool's output?); ckptio never replaces them: choose another location "
+                    "or remove it yourself"
+                )
+        if backend.commit_mode != "rename":
+            if overwrite:
+                backend.remove(backend.join(final, MANIFEST_NAME))  # uncommit first
+            backend.makedirs(final)
+            return cls(backend, final, final, overwrite, what, _parent=parent, _name=name)
+        lease = Heartbeat(backend, "")
+        token = lease.token
+        lease.path = _sibling(backend, parent, leftover_name(name, token, LEASE_SUFFIX))
+        lease.write()
+        lease.start()
+        data_dir = _sibling(backend, parent, leftover_name(name, token, PARTIAL_SUFFIX))
+        try:
+            backend.makedirs(data_dir)
+        except BaseException:
+            lease.stop()
+            raise
+        return cls(backend, final, data_dir, overwrite, what, token, lease, _parent=parent, _name=name)
+
+    def check_files(self, files: dict[str, dict[str, Any]]) -> None:
+        """Every file this save listed is in :attr:`data_dir` with its size (nobody removed it)."""
+        for rel, info in files.items():
+            path = self.backend.join(self.data_dir, rel)
+            try:
+                size = self.backend.size(path)
+            except (CheckpointNotFoundError, FileNotFoundError) as exc:
+                raise ConcurrentWriteError(
+                    f"{self.backend.url(path)} vanished before the commit of {self.what}: another "
+                    "process removed this save's files; nothing was published"
+                ) from exc
+            if size != info.get("size"):
+                raise CorruptCheckpointError(
+                    f"{self.backend.url(path)} has {size} bytes, the save wrote {info.get('size')}",
+                    path=self.backend.url(path),
+                )
+
+    def commit(self, manifest: bytes | None) -> None:
+        """Write ``manifest.json`` (when given) last, then publish; on failure publish nothing."""
+        b = self.backend
+        try:
+            if b.commit_mode != "rename":
+                if manifest is not None:
+                    mpath = b.join(self.final, MANIFEST_NAME)
+                    if self.overwrite or not b.atomic_create:
+                        b.write_bytes(mpath, manifest)
+                    elif not b.create_bytes(mpath, manifest):
+                        raise ConcurrentWriteError(
+                            f"another writer committed {self.what} first; this save was not published"
+                        )
+                self.committed = True
+                return
+            if not b.exists(self.data_dir):
+                raise ConcurrentWriteError(
+                    f"the staging directory of {self.what} was removed by another process; nothing was published"
+                )
+            if manifest is not None:
+                b.write_bytes(b.join(self.data_dir, MANIFEST_NAME), manifest)
+            b.fsync_dir(self.data_dir)
+            self._publish()
+            self.committed = True
+        finally:
+            if not self.committed:
+                self.abort()
+            elif self.lease is not None:
+                self.lease.stop()
+
+    def _publish(self) -> None:
+        b = self.backend
+        parent = self._parent or "/"
+        old = _sibling(b, self._parent, leftover_name(self._name, self.token, OLD_SUFFIX))
+        for _attempt in range(3):
+            try:
+                b.rename(self.data_dir, self.final)
+                b.fsync_dir(parent)
+                return
+            except CheckpointError:
+                if not b.exists(self.data_dir):
+                    raise
+                if not b.exists(self.final):
+                    if _attempt == 2:
+                        raise
+                    continue  # it was moved away meanwhile: try again
+            # the target exists and is not empty
+            if not self.overwrite or not _has_manifest(b, self.final):
+                raise ConcurrentWriteError(
+                    f"another writer published {self.what} first; this save was not published"
+                )
+            try:
+                b.rename(self.final, old)
+            except CheckpointError:
+                continue  # someone else moved it first: look again
+            try:
+                b.rename(self.data_dir, self.final)
+            except CheckpointError as exc:
+                # another writer's copy landed between our two renames: it is whole; ours is dropped
+                b.remove(old, recursive=True)
+                raise ConcurrentWriteError(
+                    f"another writer replaced {self.what} at the same moment; this save was not published"
+                ) from exc
+            b.fsync_dir(parent)
+            b.remove(old, recursive=True)
+            return
+        raise ConcurrentWriteError(f"{self.what} kept changing under this save; nothing was published")
+
+    def abort(self) -> None:
+        """Drop this save's staging location (never anything else)."""
+        if self.lease is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.data_dir != self.final:
+                self.backend.remove(self.data_dir, recursive=True)
+        self.lease.stop()
