@@ -380,3 +380,27 @@ def test_a_symlinked_root_is_saved_through_not_replaced(tmp_path: Path) -> None:
     dest = {"w": torch.empty(4)}
     ckptio.load(dest, str(link))
     assert torch.all(dest["w"] == 2.0)
+
+
+def test_a_symlinked_step_never_loses_its_target(tmp_path: Path) -> None:
+    """Finding 7: a step directory symlinked to another run's checkpoint: retention or ``rm``
+    deleted that checkpoint's manifest.json. Now the link is not a step, and only the link goes."""
+    other = tmp_path / "other_run_ckpt"
+    ckptio.save({"w": torch.ones(4)}, str(other))
+    root = tmp_path / "run"
+    with ckptio.CheckpointManager(str(root), retention=ckptio.KeepLatest(1)) as mgr:
+        mgr.save(1, {"w": torch.ones(4)})
+        (root / "step_00000000").symlink_to(other, target_is_directory=True)
+        assert mgr.steps() == [1]  # a link is never a committed step
+        mgr.save(2, {"w": torch.ones(4)})
+        mgr.save(3, {"w": torch.ones(4)})
+        mgr._deleter.join()
+        assert mgr.steps() == [3]
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ckptio"), "rm", str(root), "0", "--force"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (other / "manifest.json").exists(), out.stdout + out.stderr
+    ckptio.verify(str(other))

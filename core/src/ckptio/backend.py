@@ -181,23 +181,25 @@ class Backend(abc.ABC):
 def read_limited(backend: Backend, path: str, limit: int, what: str = "file") -> bytes:
     """Read a whole small file (manifest, pointer, index...) that must not exceed ``limit`` bytes.
 
-    The size is checked *before* anything is read, so a sparse multi-GiB file or one that lies
-    about its size cannot make ckptio allocate without bound; exactly ``size`` bytes are then
-    read, never "to the end". Raises :class:`~ckptio.errors.CorruptCheckpointError` when it is
-    too large or changes size under us, and passes the backend's not-found error through.
+    The size is checked *before* anything is read, so a sparse multi-GiB file cannot make ckptio
+    allocate without bound, and the read itself stops after ``limit + 1`` bytes, so a file that
+    grows or lies about its size cannot either. Raises
+    :class:`~ckptio.errors.CorruptCheckpointError` when it is too large, and passes the backend's
+    not-found error through.
     """
     from .errors import CorruptCheckpointError
 
-    size = backend.size(path)
     where = backend.url(path)
+    size = backend.size(path)
+    if size <= limit:
+        # one open, at most ``limit + 1`` bytes: a file replaced between the two calls (an atomic
+        # rewrite by another process) is read whole as it is now, never a mix
+        with backend.open_read(path) as f:
+            data = f.read(limit + 1)
+        size = len(data)
     if size > limit:
         raise CorruptCheckpointError(
             f"{where}: {what} is {size} bytes, more than the {limit} allowed; refusing to read it",
             path=where,
-        )
-    data = backend.read_bytes(path, 0, size) if size else b""
-    if len(data) != size:
-        raise CorruptCheckpointError(
-            f"{where}: {what} changed size while being read ({len(data)} of {size} bytes)", path=where
         )
     return data

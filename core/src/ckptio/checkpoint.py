@@ -16,6 +16,7 @@ at any moment leaves either the previous checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -87,11 +88,14 @@ def open_backend(url: str | URL, storage_options: dict[str, Any] | None = None) 
     u = parse_url(url)
     factory = backend_factory(u.scheme)
     try:
-        return u, factory(u, **(storage_options or {}))
+        backend = factory(u, **(storage_options or {}))
     except CheckpointError:
         raise
     except Exception as exc:  # a backend's client library refusing its options (bad credentials...)
         raise translate(exc, f"opening the {u.scheme}:// backend for {u}") from exc
+    # the user's own symlinks in the URL are followed here, once; below it nothing is followed
+    resolved = backend.resolve(u.path)
+    return (u if resolved == u.path else dataclasses.replace(u, path=resolved)), backend
 
 
 def read_manifest(backend: Backend, path: str) -> Manifest | None:

@@ -283,6 +283,20 @@ class CheckpointManager:
                     recover(self.backend, path)
                 except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
                     log.warning("could not clean leftovers of %s: %s", name, exc)
+            # a step directory without a manifest is a deletion cut short (the manifest goes first)
+            # or an object-store save that died; while this manager holds the run lock, no save
+            # of its own is in flight there (a save in place is in ``keep``)
+            for step, committed in self.all_steps().items():
+                path = self._step_path(step)
+                with self._lock:
+                    busy = path in self._deleting
+                if committed or busy or step in keep or not self.backend.exists(path):
+                    continue
+                log.info("removing step %d: it was never committed (or its deletion was cut short)", step)
+                try:
+                    self.backend.remove(path, recursive=True)
+                except CheckpointError as exc:
+                    log.warning("could not remove uncommitted step %d: %s", step, exc)
 
         _dist.on_coordinator(clean, self.process_group)
 

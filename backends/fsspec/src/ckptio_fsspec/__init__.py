@@ -9,11 +9,13 @@ from ckptio._lazy import lazy_exports
 if TYPE_CHECKING:  # the names below are imported on first use (see ckptio._lazy)
     from ckptio.retry import RetryPolicy
 
-    from .backend import FsspecBackend
+    from .backend import FsspecBackend, MemoryBackend, S3Backend
 
 _EXPORTS = {
     "FsspecBackend": ".backend",
+    "S3Backend": ".backend",
+    "MemoryBackend": ".backend",
     "RetryPolicy": "ckptio.retry",
 }
-__all__ = ["FsspecBackend", "RetryPolicy"]
+__all__ = ["FsspecBackend", "MemoryBackend", "RetryPolicy", "S3Backend"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

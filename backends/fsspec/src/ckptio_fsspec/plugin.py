@@ -13,6 +13,12 @@ from typing import Any
 from ckptio.hookspecs import hookimpl
 
 FACTORY = "ckptio_fsspec.backend:FsspecBackend"
+#: schemes whose class declares an atomic ``create_bytes``
+SPECIAL = {
+    "s3": "ckptio_fsspec.backend:S3Backend",
+    "s3a": "ckptio_fsspec.backend:S3Backend",
+    "memory": "ckptio_fsspec.backend:MemoryBackend",
+}
 PRIMARY = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 NEVER = frozenset({"file", "local"})
 CATCH_ALL_PRIORITY = -10
@@ -23,7 +29,7 @@ def register_backends(register: Any) -> None:
     import fsspec
 
     for scheme in PRIMARY:
-        register(scheme, FACTORY, 0)
+        register(scheme, SPECIAL.get(scheme, FACTORY), 0)
     for scheme in fsspec.available_protocols():
         if scheme not in NEVER and scheme not in PRIMARY:
             register(scheme, FACTORY, CATCH_ALL_PRIORITY)

@@ -21,6 +21,19 @@ that MSC exposes per part, so their writes spool into a ``SpooledTemporaryFile``
 ``part_size``, then a local temporary file) which MSC's ``upload_file`` sends with the provider's
 own parallel transfer manager on close: bounded memory, at the price of a local temp copy.
 
+**Create-if-absent** (:meth:`~ckptio.backend.Backend.create_bytes`, the commit of a manifest and
+the run lock): on ``s3`` profiles (:class:`MscS3Backend`) it is one ``PutObject`` with
+``If-None-Match: *`` through the provider's boto3 client, atomic: a 412 means another writer won, a
+409 ``ConditionalRequestConflict`` is retried and then counts as lost, and on a 412 an object that
+holds exactly the bytes being created counts as this writer's own (a retried put whose first answer
+was lost). POSIX profiles use the local backend's ``link(2)``.
+Other providers check then write (MSC 1.3 raises ``NotImplementedError`` for ``if_none_match="*"``
+on gcs and azure), so their ``atomic_create`` is ``False``.
+
+On POSIX profiles the profile's ``base_path`` may itself lie below a symlink (``/data`` linking to
+another disk): it is resolved once, and below it the local backend follows no link (see
+:mod:`ckptio_local.backend`).
+
 Reads are parallel ranged reads (``StorageClient.read(key, byte_range=Range(...))``) copied into the
 destination buffer. Every call is retried on transient failures (:mod:`ckptio.retry`), on top of
 MSC's per-profile ``retry`` settings.
@@ -30,15 +43,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, BinaryIO, TypeVar
 
 from ckptio.backend import Backend
 from ckptio.errors import CheckpointError, CorruptCheckpointError, InvalidURLError, StorageError
-from ckptio.retry import ErrorMapper, RetryPolicy, retry_call
+from ckptio.retry import ErrorMapper, RetryPolicy, classify, retry_call
 from ckptio.url import URL
 from ckptio_local import LocalBackend
 
@@ -93,6 +108,28 @@ class _Profiles:
         return self.client(profile), key
 
 
+def _conditional_outcome(exc: BaseException) -> str | None:
+    """``"exists"`` for 412 PreconditionFailed, ``"conflict"`` for 409 ConditionalRequestConflict."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code") or "")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return "exists"
+            if code == "ConditionalRequestConflict" or status == 409:
+                return "conflict"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _is_s3(client: Any) -> bool:
+    return type(client._storage_provider).__name__ == "S3StorageProvider"
+
+
 def _pop_options(options: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "part_size",
@@ -115,6 +152,8 @@ def open_msc_backend(url: URL, **storage_options: Any) -> Backend:
     client, _ = profiles.split(url.path)
     if client._is_posix_file_storage_provider():
         return MscPosixBackend(url, profiles=profiles, **own)
+    if _is_s3(client):
+        return MscS3Backend(url, profiles=profiles, **own)
     return MscBackend(url, profiles=profiles, **own)
 
 
@@ -296,6 +335,46 @@ class MscBackend(Backend):
                 self._pool = None
 
 
+class MscS3Backend(MscBackend):
+    """An ``s3`` MSC profile: :meth:`create_bytes` is a conditional ``PutObject`` (atomic)."""
+
+    atomic_create = True
+
+    def create_bytes(self, path: str, data: bytes) -> bool:
+        client, key = self.profiles.split(path)
+        if not _is_s3(client):  # a path on another profile
+            return super().create_bytes(path, data)
+        from multistorageclient.utils import split_path
+
+        provider = client._storage_provider
+        s3 = provider._s3_client
+        bucket, okey = split_path(provider._prepend_base_path(key))
+        body, url = bytes(data), self.url(path)
+        for attempt in range(self.policy.attempts):
+            try:
+                s3.put_object(Bucket=bucket, Key=okey, Body=body, IfNoneMatch="*")
+                return True
+            except Exception as exc:
+                outcome = _conditional_outcome(exc)
+                if outcome == "exists":
+                    return self._holds(s3, bucket, okey, body)
+                last = attempt + 1 >= self.policy.attempts
+                if outcome == "conflict":  # another conditional put of this key is in flight
+                    if last:
+                        return False
+                elif classify(exc) != "transient" or last:
+                    raise self.errors.to_ckptio(exc, "create", url, attempt + 1) from exc
+                time.sleep(self.policy.delay(attempt))
+        return False  # pragma: no cover - the loop returns or raises
+
+    @staticmethod
+    def _holds(s3: Any, bucket: str, key: str, body: bytes) -> bool:
+        """On 412: is the object there exactly our bytes (our own put, whose answer was lost)?"""
+        resp = s3.get_object(Bucket=bucket, Key=key)
+        with contextlib.closing(resp["Body"]) as stream:  # closed unread when the size differs
+            return int(resp.get("ContentLength", -1)) == len(body) and bytes(stream.read()) == body
+
+
 class _S3Parts(io.RawIOBase):
     """Parallel multipart upload through an MSC S3 provider's boto3 client (see the module doc)."""
 
@@ -448,18 +527,53 @@ class MscPosixBackend(Backend):
     """A POSIX ``file`` MSC profile: ckptio's local backend on the profile's physical paths."""
 
     commit_mode = "rename"
+    atomic_create = True
 
     def __init__(self, url: URL, *, profiles: _Profiles | None = None, **options: Any) -> None:
         super().__init__("msc")
         self.profiles = profiles or _Profiles(options.get("msc_config"))
         self.local = LocalBackend()
+        self._bases: dict[str, tuple[str, str]] = {}  # profile -> (base as configured, resolved)
+
+    def _base(self, profile: str, client: Any) -> tuple[str, str]:
+        """The profile's physical base path, as MSC spells it and with its links resolved once."""
+        if profile not in self._bases:
+            base = client.get_posix_path("")
+            if base is None:  # pragma: no cover - only POSIX profiles reach here
+                raise StorageError(f"msc://{profile}: profile has no POSIX path")
+            base = os.path.normpath(str(base))
+            self._bases[profile] = (base, os.path.realpath(base))
+        return self._bases[profile]
 
     def lp(self, path: str) -> str:
+        profile = path.partition("/")[0]
         client, key = self.profiles.split(path)
         physical = client.get_posix_path(key)
         if physical is None:  # pragma: no cover - only POSIX profiles reach here
             raise StorageError(f"msc://{path}: profile has no POSIX path")
-        return str(physical)
+        base, real = self._base(profile, client)
+        physical = os.path.normpath(str(physical))
+        if physical == base or physical.startswith(base.rstrip("/") + "/"):
+            physical = real + physical[len(base) :] if base != "/" else physical
+        return physical
+
+    def resolve(self, path: str) -> str:
+        """Follow the user's links below the profile's base once (kept when they leave the base)."""
+        profile, _, key = path.partition("/")
+        client, _ = self.profiles.split(path)
+        _, real = self._base(profile, client)
+        target = os.path.realpath(self.lp(path))
+        if target == real:
+            return profile
+        if target.startswith(real.rstrip("/") + "/"):
+            return f"{profile}/{target[len(real.rstrip('/')) + 1 :]}"
+        return path  # outside the profile: the local backend will refuse the link, naming it
+
+    def create_bytes(self, path: str, data: bytes) -> bool:
+        return self.local.create_bytes(self.lp(path), data)
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        return self.local.walk_files(self.lp(path))
 
     def url(self, path: str) -> str:
         return f"msc://{path}"
