@@ -134,8 +134,15 @@ def test_unwritable_step_fails_in_background(tmp_path: Path) -> None:
     with ckptio.CheckpointManager(str(tmp_path), async_save=True) as mgr:
         mgr.save(1, big_state(1.0))
         mgr.wait()
-        (tmp_path / "step_00000002").write_text("a file where the step directory goes")
-        assert mgr.save(2, big_state(2.0)) is None  # staging succeeds; the commit fails later
+        real = mgr.backend.open_write
+
+        def full_disk(path: str):  # type: ignore[no-untyped-def]
+            if "step_00000002" in path:
+                raise ckptio.StorageError(f"{path}: no space left on device")
+            return real(path)
+
+        mgr.backend.open_write = full_disk  # type: ignore[method-assign]
+        assert mgr.save(2, big_state(2.0)) is None  # staging succeeds; the write fails later
         with pytest.raises(ckptio.AsyncSaveError, match="step 2"):
             mgr.wait()
         mgr.wait()  # raised once
