@@ -523,6 +523,8 @@ class CheckpointManager:
             if self._deleter_thread is not None and self._deleter_thread.is_alive():
                 self._deleter.put(None)
                 self._deleter_thread.join(timeout=60)
+            for stager in self._stagers:  # pinned host memory goes back now, not at GC
+                stager.close()
             try:
                 self._release()
             finally:
