@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -415,6 +416,25 @@ def test_consolidate_delegates_to_safetensors(
     )
 
 
+def test_consolidate_refuses_a_non_empty_destination_unless_overwrite(
+    single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 4: consolidate deleted the ``*.safetensors`` of any existing directory, with no flag."""
+    pytest.importorskip("ckptio_safetensors.cli")
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "model-00001-of-00003.safetensors").write_bytes(b"someone else's weights")
+    (dst / "README.md").write_text("keep")
+    code, _, err = run_main(["consolidate", str(single), str(dst)], capsys)
+    assert code == 1 and "--overwrite" in err, err
+    assert sorted(os.listdir(dst)) == ["README.md", "model-00001-of-00003.safetensors"]
+    assert _siblings(dst) == ["hf"]
+    code, _, err = run_main(["consolidate", str(single), str(dst), "--overwrite", "--json"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(dst)) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert _siblings(dst) == ["hf"]
+
+
 def test_consolidate_without_plugin_exits_3(
     single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -479,3 +499,213 @@ def test_progress_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     with progress.progress(100, "forced", enable=True) as bar:
         bar.update(100)
         assert bar.active
+
+
+# -- trust: cp and rm never lose or forge data (issue 11) -----------------------------------------
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _siblings(path: Path) -> list[str]:
+    """What lies beside ``path`` with its name in it (staging, moved-aside and lease entries)."""
+    return sorted(p.name for p in path.parent.iterdir() if path.name in p.name)
+
+
+@pytest.mark.parametrize("how", [[], ["--overwrite"], ["--full"], ["--full", "--overwrite"]])
+def test_cp_never_replaces_a_run_root_or_foreign_directory(
+    series: Path, single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: list[str]
+) -> None:
+    """Finding 1: ``cp SRC RUN_ROOT`` made a run with steps 10, 20, 30 one checkpoint (exit 0)."""
+    before = _tree(series)
+    code, _, err = run_main(["cp", str(single), str(series), *how], capsys)
+    assert code == 1 and "not a ckptio checkpoint" in err, err
+    assert _tree(series) == before and _siblings(series) == ["run"]
+    with ckptio.CheckpointManager(str(series)) as mgr:
+        assert mgr.steps() == [10, 20, 30]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert run_main(["cp", str(single), str(foreign), *how], capsys)[0] == 1
+    assert _tree(foreign) == {"notes.txt": b"keep me"} and _siblings(foreign) == ["foreign"]
+
+
+def _forge(ckpt: Path, null_checksums: bool) -> None:
+    """Re-sign the manifest (as an attacker can), optionally with every checksum set to null."""
+    from tests.reliability._ckpt import read_manifest_json, write_signed_manifest
+
+    body = read_manifest_json(ckpt)
+    if null_checksums:
+        for entry in body["format_metadata"]["storage"]:
+            entry["xxh3"] = None
+        for info in body["files"].values():
+            info.pop("xxh3", None)
+    write_signed_manifest(ckpt, body)
+
+
+def test_cp_checks_every_checksum_before_publishing(
+    single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 6: cp compared sizes only, so a data file with the right size but other bytes was
+    copied and published."""
+    data = _bin_files(single)[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # same size, one bit flipped
+    data.write_bytes(bytes(raw))
+    dst = tmp_path / "copy"
+    code, _, err = run_main(["cp", str(single), str(dst)], capsys)
+    assert code == 1 and "checksum" in err, err
+    assert not dst.exists() and _siblings(dst) == [], "nothing published, no staging left behind"
+
+
+@pytest.mark.parametrize("null_checksums", [False, True])
+def test_cp_never_copies_a_symlinked_data_file(
+    single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], null_checksums: bool
+) -> None:
+    """Finding 6: a data file symlinked to a secret of the same size, checksums nulled and the
+    manifest re-signed: cp copied the secret."""
+    data = _bin_files(single)[0]
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"S" * data.stat().st_size)
+    data.unlink()
+    data.symlink_to(secret)
+    _forge(single, null_checksums)
+    dst = tmp_path / "copy"
+    code, _, err = run_main(["cp", str(single), str(dst)], capsys)
+    assert code == 1, err
+    assert not dst.exists() and _siblings(dst) == []
+    copied = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret]
+    assert not any(b"SSSS" in p.read_bytes() for p in copied)
+
+
+def test_cp_full_refuses_hostile_planner_paths_without_allocating(
+    single: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 11: ``planner_data`` path ``["model", 300000000]`` made ``cp --full`` build a
+    300-million-entry list; it must end as a ckptio error at once."""
+    import resource
+    import time
+
+    from tests.reliability._ckpt import read_manifest_json, write_signed_manifest
+
+    body = read_manifest_json(single)
+    planner = body["format_metadata"]["dcp"]["planner_data"]
+    key = next(k for k, v in planner.items() if len(v) > 1)
+    planner[key] = ["model", 300_000_000]
+    write_signed_manifest(single, body)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    code, doc = run_json(["cp", str(single), str(tmp_path / "full"), "--full"], capsys)
+    assert code == 1 and doc["exit_code"] == 1 and doc["error_type"].endswith("Error")
+    assert time.monotonic() - t0 < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 * 1024  # KiB
+    assert not (tmp_path / "full").exists()
+
+
+def test_destination_state_refuses_paths_that_build_huge_lists(single: Path) -> None:
+    """The guard in ``cp`` itself, whatever the source format checks: list indices are bounded by
+    the number of entries, paths by depth, and clashing paths are corruption, not TypeError."""
+    from ckptio.errors import CorruptCheckpointError
+
+    with pytest.raises(CorruptCheckpointError, match="invalid state-dict path"):
+        cli._state_path("model.w", ["model", 300_000_000], 10, "x")
+    with pytest.raises(CorruptCheckpointError):
+        cli._state_path("model.w", ["model"] * 1000, 10, "x")
+    with pytest.raises(CorruptCheckpointError):
+        cli._state_path("model.w", [0, "w"], 10, "x")
+    assert cli._state_path("model.l.3", ["model", "l", 3], 10, "x") == ("model", "l", 3)
+
+
+def _start_live_save(root: Path, step: int, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    import time
+
+    ready, go = tmp_path / f"ready{step}", tmp_path / f"go{step}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("_live_save.py")),
+            str(root),
+            str(step),
+            str(ready),
+            str(go),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CKPTIO_PROGRESS": "0"},
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, "the saving process died before writing its data"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc, go
+
+
+def _finish(proc: subprocess.Popen[str], go: Path) -> str:
+    go.write_text("go")
+    out, _ = proc.communicate(timeout=120)
+    return out.strip()
+
+
+def test_rm_leaves_a_save_in_progress_alone(
+    series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 2: ``rm ROOT N`` while step N was being saved removed its staging directory; the
+    save recreated it empty, committed a manifest into it, and a step without data became latest."""
+    proc, go = _start_live_save(series, 40, tmp_path)
+    try:
+        staging = [n for n in os.listdir(series) if n.startswith(".step_00000040.") and n.endswith("partial")]
+        assert len(staging) == 1
+        code, doc = run_json(["rm", str(series), "40"], capsys)
+        assert code == 0 and doc["deleted"] == [] and doc["remaining"] == [10, 20, 30]
+        assert [b["step"] for b in doc["busy"]] == [40] and str(proc.pid) in doc["busy"][0]["holder"]
+        assert (series / staging[0]).is_dir() and any((series / staging[0]).iterdir())
+    finally:
+        out = _finish(proc, go)
+    assert out == "saved", out
+    with ckptio.CheckpointManager(str(series)) as mgr:
+        assert mgr.latest_step() == 40 and mgr.steps() == [10, 20, 30, 40]
+    for step in (10, 20, 30, 40):
+        assert ckptio.verify(str(series / f"step_{step:08d}")) > 0
+    dest = {"w": torch.zeros(1000)}
+    ckptio.load(dest, str(series / "step_00000040"))
+    assert torch.equal(dest["w"], torch.full((1000,), 40.0))
+
+
+def test_rm_is_refused_while_another_process_holds_the_run_lock(
+    series: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc, go = _start_live_save(series, 40, tmp_path)
+    try:
+        code, _, err = run_main(["rm", str(series), "10"], capsys)
+        assert code == 1 and str(proc.pid) in err and "--takeover" in err, err
+        assert (series / "step_00000010" / "manifest.json").exists()
+        code, doc = run_json(["rm", str(series), "10", "--force"], capsys)  # --force is about protection
+        assert code == 1 and doc["error_type"] == "RunLockedError"
+        code, doc = run_json(["rm", str(series), "10", "--takeover"], capsys)
+        assert code == 0 and doc["deleted"] == [10]
+    finally:
+        _finish(proc, go)  # the taken-over job stops at its next save, or commits this one whole
+    with ckptio.CheckpointManager(str(series)) as mgr:
+        for step in mgr.steps():
+            assert ckptio.verify(str(mgr.url_of(step))) > 0
+        assert 10 not in mgr.steps() and {20, 30} <= set(mgr.steps())
+
+
+def test_rm_removes_dead_leftovers_of_any_naming(series: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Leftovers of a SIGKILLed save (unique staging name, lease of a dead pid) go; so do
+    ckptio 0.1's untokened ones."""
+    import json as _json
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    token = "0123456789ab"
+    (series / f".step_00000040.{token}.ckptio-partial").mkdir()
+    (series / f".step_00000040.{token}.ckptio-partial" / "__0_0.bin").write_bytes(b"x")
+    (series / f".step_00000040.{token}.ckptio-lease").write_text(
+        _json.dumps({"host": socket.gethostname(), "pid": dead.pid, "heartbeat": 0, "token": token})
+    )
+    (series / ".step_00000050.ckptio-partial").mkdir()
+    code, doc = run_json(["rm", str(series), "40", "50"], capsys)
+    assert code == 0 and doc["deleted"] == [40, 50] and doc["busy"] == []
+    assert sorted(os.listdir(series)) == ["latest", "step_00000010", "step_00000020", "step_00000030"]

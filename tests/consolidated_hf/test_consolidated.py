@@ -124,3 +124,16 @@ def test_peft_models_are_refused_with_a_hint(tmp_path):
             is_final=True,
             addons=["consolidated-hf"],
         )
+
+
+def test_a_failed_export_leaves_no_staging_and_the_step_intact(tmp_path):
+    """The export is staged through ckptio's commit protocol: when it fails (here: no config.json
+    to write), its staging directory and lease go, and the committed step is untouched."""
+    model = torch.nn.Linear(4, 4)  # no .config: the export cannot write config.json
+    url = tmp_path / "ck"
+    with pytest.raises(ckptio.CheckpointError, match="config"):
+        ckptio.save({"model": ckptio.ModelState(model)}, str(url), is_final=True, addons=["consolidated-hf"])
+    hidden = [n for n in os.listdir(url) if n.startswith(".")]
+    assert hidden == [], f"staging or lease left behind: {hidden}"
+    assert not (url / "consolidated").exists()
+    ckptio.verify(str(url))

@@ -9,7 +9,7 @@ from typing import Any
 import ckptio
 import pytest
 import torch
-from ckptio.checkpoint import PARTIAL_SUFFIX
+from ckptio.commit import PARTIAL_SUFFIX, parse_leftover
 from ckptio.formats.native import NativeWriter
 from ckptio_local import LocalBackend
 
@@ -31,7 +31,13 @@ class _Spy:
         final = Path(ctx.path)
         staging = Path(ctx.write_path)
         self.seen["staging"] = staging
-        self.seen["staging_name_ok"] = staging.name == f".{final.name}{PARTIAL_SUFFIX}"
+        parsed = parse_leftover(staging.name)  # .<name>.<token>.ckptio-partial: unique per save
+        self.seen["staging_name_ok"] = (
+            parsed is not None
+            and parsed[1] is not None
+            and parsed[0] == final.name
+            and parsed[2] == PARTIAL_SUFFIX
+        )
         self.seen["staging_has_data"] = any(p.suffix == ".bin" for p in staging.iterdir())
         self.seen["staging_has_manifest"] = (staging / "manifest.json").exists()
         self.seen["old_value_mid_save"] = _value(final) if final.exists() else None
@@ -97,7 +103,8 @@ def test_interrupted_first_save_is_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         ckptio.save({"w": torch.ones(4)}, str(ck), addons=[_Spy(fail=True)])
     assert not ck.exists()
-    with pytest.raises(ckptio.IncompleteCheckpointError):
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the failed save removed its staging"
+    with pytest.raises(ckptio.CheckpointNotFoundError):
         ckptio.load({"w": torch.zeros(4)}, str(ck))
 
 
@@ -115,7 +122,9 @@ def test_fsync_files_and_directories(tmp_path: Path, monkeypatch: pytest.MonkeyP
     names = {Path(p).name for p in synced}
     assert {"__0_0.bin", "__0_1.bin"} <= names, synced  # every data file
     assert any(n.startswith(".manifest.json.") for n in names), synced  # the manifest, before its rename
-    assert f".ck{PARTIAL_SUFFIX}" in names, "the staging directory, after the manifest"
+    assert any(n.startswith(".ck.") and n.endswith(PARTIAL_SUFFIX) for n in names), (
+        "the staging directory, after the manifest"
+    )
     assert str(tmp_path) in synced, "the parent directory, after the rename"
     synced.clear()
     ckptio.save({"a": torch.ones(8)}, str(tmp_path / "fast"), storage_options={"fsync": False})
@@ -129,7 +138,7 @@ def test_write_bytes_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     b.write_bytes(target, b"step_2\n")
     assert Path(target).read_bytes() == b"step_2\n"
 
-    def broken_replace(src: str, dst: str) -> None:
+    def broken_replace(src: str, dst: str, **kw: object) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "replace", broken_replace)

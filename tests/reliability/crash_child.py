@@ -8,6 +8,11 @@ Protocol on stdin/stdout, one line each:
   -> ``pid <n>``; the worker resumes from the newest committed step, checks it holds what that
   step saved, then saves steps forever, appending ``saved <step>`` (sync: committed; async: staged)
   or ``BAD <why>`` to the progress file, and ``started <step>`` once resumed.
+* ``run {"kind": "overwrite"|"consolidate"|"cp"|"latest", "url": ..., "start": k, ...}``: the other
+  loops, each publishing version ``k``, ``k + 1``... at one URL forever (``saved <k>`` after each):
+  ``ckptio.save(..., overwrite=True)`` over a plain URL; ``consolidate(sources[k % n], url,
+  overwrite=True)`` into an existing HF directory; ``ckptio cp sources[k % n] url --overwrite``;
+  tiny ``CheckpointManager`` saves whose ``latest`` rewrite is a large part of the time.
 * ``reap`` -> ``exit <status>`` once the worker is gone.  ``quit`` ends the zygote.
 """
 
@@ -92,6 +97,75 @@ def work(cfg: dict[str, Any]) -> None:
         step += 1
 
 
+def small_state(k: int) -> dict[str, Any]:
+    """A tiny state whose every value says ``k``: saving it is quick, so kills often land in the
+    commit (the renames, the ``latest`` rewrite) rather than in the data."""
+    return {"w": torch.full((16,), float(k)), "step": k}
+
+
+def work_overwrite(cfg: dict[str, Any], note: Any) -> None:
+    note(f"started {cfg['start']}")
+    k = cfg["start"]
+    while True:
+        ckptio.save(make_state(k), cfg["url"], overwrite=True)
+        note(f"saved {k}")
+        k += 1
+
+
+def work_consolidate(cfg: dict[str, Any], note: Any) -> None:
+    from ckptio_safetensors import consolidate
+
+    sources, shard_sizes = cfg["sources"], cfg["shard_sizes"]
+    note(f"started {cfg['start']}")
+    k = cfg["start"]
+    while True:
+        i = k % len(sources)
+        consolidate(
+            sources[i], cfg["url"], overwrite=True, max_shard_size=shard_sizes[i], progress=False, workers=1
+        )
+        note(f"saved {k}")
+        k += 1
+
+
+def work_cp(cfg: dict[str, Any], note: Any) -> None:
+    from ckptio import cli
+
+    sources = cfg["sources"]
+    sys.stdout = open(os.devnull, "w")  # stdout is the zygote's reply pipe
+    note(f"started {cfg['start']}")
+    k = cfg["start"]
+    while True:
+        code = cli.main(["cp", sources[k % len(sources)], cfg["url"], "--overwrite", "--no-progress"])
+        if code != 0:
+            note(f"BAD cp exited {code}")
+            os._exit(3)
+        note(f"saved {k}")
+        k += 1
+
+
+def work_latest(cfg: dict[str, Any], note: Any) -> None:
+    mgr = ckptio.CheckpointManager(cfg["url"], retention=ckptio.KeepLatest(2))
+    latest = mgr.latest_step()
+    k = 0 if latest is None else latest + 1
+    note(f"started {latest}")
+    while True:
+        mgr.save(k, small_state(k))
+        note(f"saved {k}")
+        k += 1
+
+
+KINDS = {"overwrite": work_overwrite, "consolidate": work_consolidate, "cp": work_cp, "latest": work_latest}
+
+
+def run_kind(cfg: dict[str, Any]) -> None:
+    log = os.open(cfg["progress"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def note(line: str) -> None:
+        os.write(log, (line + "\n").encode())
+
+    KINDS[cfg["kind"]](cfg, note)
+
+
 def main() -> None:
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
@@ -101,7 +175,10 @@ def main() -> None:
             if pid == 0:
                 code = 0
                 try:
-                    work(cfg)
+                    if cfg.get("kind", "series") == "series":
+                        work(cfg)
+                    else:
+                        run_kind(cfg)
                 except BaseException:
                     traceback.print_exc()
                     code = 2
@@ -118,6 +195,7 @@ def main() -> None:
 
 def preload() -> None:
     """Import plugins and DCP's lazy modules now, so that each forked worker starts fast."""
+    import importlib
     import warnings
 
     from ckptio.plugins import backend_factory, get_format
@@ -126,6 +204,12 @@ def preload() -> None:
         warnings.simplefilter("ignore")
         ckptio.list_plugins()
         get_format("native")
+        importlib.import_module("ckptio.cli")  # the cp loop
+
+        try:
+            import ckptio_safetensors.consolidation  # noqa: F401  (the consolidate loop)
+        except ImportError:
+            pass
         for scheme in ("file", "s3"):
             try:
                 backend_factory(scheme)

@@ -128,18 +128,81 @@ def test_consolidate_restores_reference_dtypes_and_layout(tmp_path: Path) -> Non
     assert torch.equal(merged["layer3.w"], src["layer3.w"].bfloat16())
 
 
-def test_consolidate_native_source_and_replaces_destination(tmp_path: Path) -> None:
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _beside(d: Path) -> list[str]:
+    """Staging, moved-aside and lease entries next to ``d``."""
+    return sorted(p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}."))
+
+
+def test_consolidate_native_source_and_replaces_destination_only_when_told(tmp_path: Path) -> None:
+    """Finding 4: consolidate deleted the ``model*.safetensors`` of any existing destination and had
+    no overwrite flag; now a non-empty destination is refused untouched, or replaced whole."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     ckptio.save({"model": ckptio.ModelState(model), "optim_step": 5}, str(tmp_path / "native"))
     out = tmp_path / "hf"
     out.mkdir()
     (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    (out / "other.safetensors").write_bytes(b"unrelated")
     (out / "config.json").write_text("{}")
-    ckptio_safetensors.consolidate(str(tmp_path / "native"), str(out), progress=False)
-    assert not (out / "model-00009-of-00009.safetensors").exists() and (out / "config.json").exists()
+    before = _files(out)
+    with pytest.raises(ckptio.CheckpointError, match="overwrite"):
+        ckptio_safetensors.consolidate(str(tmp_path / "native"), str(out), progress=False)
+    assert _files(out) == before and _beside(out) == []
+    ckptio_safetensors.consolidate(str(tmp_path / "native"), str(out), progress=False, overwrite=True)
+    assert sorted(_files(out)) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
     merged = _merged(out)
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
-    assert not list(tmp_path.glob(".*partial"))
+    assert _beside(out) == []
+    # an empty directory is not "something else": no flag needed
+    (tmp_path / "empty").mkdir()
+    ckptio_safetensors.consolidate(str(tmp_path / "native"), str(tmp_path / "empty"), progress=False)
+    assert (tmp_path / "empty" / "model.safetensors.index.json").exists()
+
+
+def test_reconsolidation_replaces_an_export_in_one_rename(tmp_path: Path) -> None:
+    """A second export with another shard layout replaces the first whole: no shard of the old
+    layout survives beside the new index (the mix that SIGKILL or a smaller model used to leave)."""
+    state = {"model": {f"w{i}": torch.full((64, 64), float(i)) for i in range(6)}}
+    ckptio.save(state, str(tmp_path / "ck"))
+    out = tmp_path / "hf"
+    ckptio_safetensors.consolidate(str(tmp_path / "ck"), str(out), max_shard_size="20KB", progress=False)
+    first = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(first) > 2
+    ckptio_safetensors.consolidate(str(tmp_path / "ck"), str(out), progress=False, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
+    assert _beside(out) == []
+
+
+@pytest.mark.parametrize("new_copy_complete", [True, False])
+def test_interrupted_reconsolidation_rolls_forward_or_back(tmp_path: Path, new_copy_complete: bool) -> None:
+    """The state SIGKILL leaves between the two renames of a replacement (old export moved aside,
+    new one staged, its writer dead): the next touch of the URL puts a whole export back."""
+    import socket
+    import subprocess
+    import sys
+
+    ckptio.save({"model": {"w": torch.full((8,), 1.0)}}, str(tmp_path / "one"))
+    ckptio.save({"model": {"w": torch.full((8,), 2.0)}}, str(tmp_path / "two"))
+    out = tmp_path / "hf"
+    ckptio_safetensors.consolidate(str(tmp_path / "one"), str(out), progress=False)
+    ckptio_safetensors.consolidate(str(tmp_path / "two"), str(tmp_path / "staged"), progress=False)
+    if not new_copy_complete:
+        (tmp_path / "staged" / "model.safetensors.index.json").unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    token = "00112233aabb"
+    out.rename(tmp_path / f".hf.{token}.ckptio-old")
+    (tmp_path / "staged").rename(tmp_path / f".hf.{token}.ckptio-partial")
+    (tmp_path / f".hf.{token}.ckptio-lease").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead.pid, "heartbeat": 0, "token": token})
+    )
+    got = {"w": torch.zeros(8)}
+    ckptio.load(got, str(out))  # the next touch
+    assert torch.equal(got["w"], torch.full((8,), 2.0 if new_copy_complete else 1.0))
+    assert _beside(out) == []
 
 
 def test_failed_consolidation_publishes_nothing(tmp_path: Path) -> None:

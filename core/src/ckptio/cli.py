@@ -501,62 +501,149 @@ def cmd_verify(args: argparse.Namespace, ctx: Ctx) -> int:
 _COPY_CHUNK = 8 << 20
 
 
-def _prepare_destination(backend: Any, path: str, overwrite: bool, url: Any) -> str:
-    """Make room for a new checkpoint at ``path``; return where its files go before the commit.
+def _refuse_foreign(backend: Any, path: str, url: Any) -> None:
+    """Refuse a destination that holds files but no ``manifest.json``: a run root, another tool's
+    output. ``cp`` never replaces what it did not write, with or without ``--overwrite``."""
+    from .manifest import MANIFEST_NAME
 
-    The same protocol as :func:`ckptio.checkpoint.save_checkpoint`: a staging directory renamed at
-    the end on ``rename`` backends, an in-place write with ``manifest.json`` last on ``marker`` ones.
-    """
-    from .checkpoint import prepare_target
+    if backend.exists(backend.join(path, MANIFEST_NAME)):
+        return
+    try:
+        entries = backend.listdir(path)
+    except CheckpointNotFoundError:
+        return
+    if entries:
+        raise CheckpointError(
+            f"{url} already holds files that are not a ckptio checkpoint (a run root, another tool's "
+            f"output: {_names(sorted(entries), 4)}); cp never replaces them, even with --overwrite: "
+            "choose another destination or remove it yourself"
+        )
 
-    return prepare_target(
+
+def _prepare_destination(backend: Any, path: str, overwrite: bool, url: Any) -> Any:
+    """Make room for a new checkpoint at ``path`` through the commit protocol (:mod:`ckptio.commit`):
+    a unique staging directory renamed into place at the end on ``rename`` backends, an in-place
+    write with ``manifest.json`` last on ``marker`` ones."""
+    from .commit import Target
+
+    _refuse_foreign(backend, path, url)
+    return Target.prepare(
         backend, path, overwrite=overwrite, what=str(url), hint="pass --overwrite to replace it"
     )
 
 
-def _commit_destination(backend: Any, data_dir: str, path: str, manifest_bytes: bytes) -> None:
-    from .checkpoint import commit_target
+def _copy_one(
+    loc: Located, name: str, info: dict[str, Any], dst_backend: Any, data_dir: str, bar: Any
+) -> tuple[int, str]:
+    """Stream one file; returns (bytes, xxh3-64 of what was written).
 
-    commit_target(backend, data_dir, path, manifest_bytes)
+    The source's size is compared with the manifest *before* anything is read, and never more
+    than that many bytes are copied, so a file that is something else than it claims (a device, a
+    file that grows) costs nothing; the checksums are checked on the destination afterwards."""
+    import xxhash
+
+    from .errors import CorruptCheckpointError
+
+    src_path = loc.backend.join(loc.url.path, name)
+    where = loc.backend.url(src_path)
+    size = int(info["size"])
+    actual = loc.backend.size(src_path)
+    if actual != size:
+        raise CorruptCheckpointError(f"{where} has {actual} bytes, its manifest says {size}", path=where)
+    digest = xxhash.xxh3_64()
+    n = 0
+    with (
+        loc.backend.open_read(src_path) as r,
+        dst_backend.open_write(dst_backend.join(data_dir, name)) as w,
+    ):
+        while n < size:
+            chunk = r.read(min(_COPY_CHUNK, size - n))
+            if not chunk:
+                break
+            w.write(chunk)
+            digest.update(chunk)
+            n += len(chunk)
+            bar.update(len(chunk))
+    if n != size:
+        raise CorruptCheckpointError(f"{where} has {n} bytes, its manifest says {size}", path=where)
+    return n, digest.hexdigest()
 
 
 def copy_files(loc: Located, dst: Any, dst_backend: Any, overwrite: bool) -> dict[str, Any]:
     """Copy a committed checkpoint file by file (any backend to any backend), manifest last.
 
     Nothing is decoded, so the layout (ranks, chunks, artifacts) and every checksum stay as they
-    are; the copied manifest is byte-identical and still describes the copy.
+    are; the copied manifest is byte-identical and still describes the copy. Before the commit,
+    the copy is verified against that manifest (sizes and every checksum, as ``ckptio verify``
+    does), so a damaged or forged source is never published.
     """
-    from .manifest import MANIFEST_NAME
+    from .backend import read_limited
+    from .errors import CorruptCheckpointError
+    from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
+    from .plugins import get_format
 
-    m = loc.manifest
-    manifest_bytes = loc.backend.read_bytes(loc.backend.join(loc.url.path, MANIFEST_NAME))
-    data_dir = _prepare_destination(dst_backend, dst.path, overwrite, dst)
+    mpath = loc.backend.join(loc.url.path, MANIFEST_NAME)
+    manifest_bytes = read_limited(loc.backend, mpath, MAX_MANIFEST_BYTES, "manifest")
+    m = Manifest.from_bytes(manifest_bytes, loc.backend.url(mpath))  # what is copied is what is checked
+    if MANIFEST_NAME in m.files:
+        raise CorruptCheckpointError(
+            f"{loc.url}: its manifest lists a data file named {MANIFEST_NAME}", path=str(loc.url)
+        )
+    fmt = get_format(m.format)
+    target = _prepare_destination(dst_backend, dst.path, overwrite, dst)
     copied = 0
-    with _progress.progress(m.total_bytes, "cp") as bar:
-        for name, info in sorted(m.files.items()):
-            src_path = loc.backend.join(loc.url.path, name)
-            with (
-                loc.backend.open_read(src_path) as r,
-                dst_backend.open_write(dst_backend.join(data_dir, name)) as w,
-            ):
-                n = 0
-                while True:
-                    chunk = r.read(_COPY_CHUNK)
-                    if not chunk:
-                        break
-                    w.write(chunk)
-                    n += len(chunk)
-                    bar.update(len(chunk))
-            if n != info["size"]:
-                from .errors import CorruptCheckpointError
-
-                raise CorruptCheckpointError(
-                    f"{loc.backend.url(src_path)} has {n} bytes, its manifest says {info['size']}",
-                    path=src_path,
-                )
-            copied += n
-    _commit_destination(dst_backend, data_dir, dst.path, manifest_bytes)
+    try:
+        with _progress.progress(m.total_bytes, "cp") as bar:
+            for name, info in sorted(m.files.items()):
+                n, digest = _copy_one(loc, name, info, dst_backend, target.data_dir, bar)
+                expected = info.get("xxh3")
+                if expected is not None and digest != expected:
+                    where = loc.backend.url(loc.backend.join(loc.url.path, name))
+                    raise CorruptCheckpointError(
+                        f"checksum mismatch in {where}: the file is damaged", path=where
+                    )
+                copied += n
+        target.check_files(m.files)
+        fmt.verify(dst_backend, target.data_dir, m)  # every stored byte, against its checksums
+        target.commit(manifest_bytes)
+    except BaseException:
+        target.abort()
+        raise
     return {"mode": "files", "bytes": copied, "files": len(m.files), "format": m.format}
+
+
+#: Depth of a state-dict path in ``planner_data`` beyond which the metadata is taken as hostile.
+_MAX_PATH_DEPTH = 64
+
+
+def _state_path(fqn: str, raw: Any, n_entries: int, where: str) -> tuple[str | int, ...]:
+    """The nesting of ``fqn`` in the original state dict, checked so that hostile metadata cannot
+    build huge lists (``["model", 300000000]``) or clash types."""
+    from .errors import CorruptCheckpointError
+
+    if raw is None:
+        return (fqn,)
+    ok = (
+        isinstance(raw, (list, tuple))
+        and 0 < len(raw) <= _MAX_PATH_DEPTH
+        and isinstance(raw[0], str)
+        and all(
+            isinstance(p, str) or (isinstance(p, int) and not isinstance(p, bool) and 0 <= p < n_entries)
+            for p in raw
+        )
+    )
+    if not ok:
+        raise CorruptCheckpointError(
+            f"{where}: invalid state-dict path for {fqn!r}: {str(raw)[:200]}", path=where
+        )
+    return tuple(raw)
+
+
+def _available_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
 
 
 def destination_state(loc: Located) -> dict[str, Any]:
@@ -565,23 +652,51 @@ def destination_state(loc: Located) -> dict[str, Any]:
     Built from the DCP metadata the source's reader exposes, which every format provides: the
     global shape and dtype of each tensor (so a sharded source comes out whole) and, through
     ``planner_data``, the nesting of the original state dict (``{"model": {"w": ...}}`` stays nested).
+    Hostile metadata (paths that would build huge lists, tensors larger than this machine's
+    memory) is refused with a ckptio error before anything is allocated.
     """
     import torch
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from .errors import CorruptCheckpointError
+
+    where = str(loc.url)
     reader = loc.fmt.storage_reader(loc.backend, loc.url.path, loc.manifest)
     md = reader.read_metadata()
     mapping = md.planner_data if isinstance(md.planner_data, dict) else {}
+    n_entries = len(md.state_dict_metadata)
+    need = 0
+    for fqn, meta in md.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            sizes = tuple(meta.size)
+            if any(not isinstance(s, int) or s < 0 for s in sizes):
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {fqn!r} has an invalid shape {sizes}", path=where
+                )
+            need += math.prod(sizes) * meta.properties.dtype.itemsize
+    memory = _available_memory()
+    if memory is not None and need > memory:
+        raise CheckpointError(
+            f"{where}: its tensors take {human_bytes(need)} in full, more than this machine's "
+            f"{human_bytes(memory)} of memory (cp --full and conversions hold the whole checkpoint)"
+        )
     state: dict[str, Any] = {}
     for fqn, meta in md.state_dict_metadata.items():
-        value = (
-            torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-            if isinstance(meta, TensorStorageMetadata)
-            else None
-        )
-        path = tuple(mapping.get(fqn) or (fqn,))
-        set_element(state, path, value)  # type: ignore[arg-type]
+        path = _state_path(fqn, mapping.get(fqn), n_entries, where)
+        try:
+            value = (
+                torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                if isinstance(meta, TensorStorageMetadata)
+                else None
+            )
+            set_element(state, path, value)  # type: ignore[arg-type]
+        except (RuntimeError, MemoryError) as exc:
+            raise CheckpointError(f"{where}: cannot allocate tensor {fqn!r}: {exc}") from exc
+        except (TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise CorruptCheckpointError(
+                f"{where}: the state-dict paths of its metadata clash at {fqn!r} ({exc})", path=where
+            ) from exc
     return state
 
 
@@ -597,6 +712,22 @@ class _CarryArtifacts:
         if ctx.is_coordinator:
             for name, data in self.files.items():
                 ctx.write_bytes(name, data)
+
+
+def _read_artifact(loc: Located, name: str, info: dict[str, Any]) -> bytes:
+    """A non-tensor file of the source, its size checked before it is read, its checksum after."""
+    import xxhash
+
+    from .backend import read_limited
+    from .errors import CorruptCheckpointError
+
+    path = loc.backend.join(loc.url.path, name)
+    where = loc.backend.url(path)
+    data = read_limited(loc.backend, path, int(info["size"]), "file")
+    expected = info.get("xxh3")
+    if len(data) != info["size"] or (expected is not None and xxhash.xxh3_64_hexdigest(data) != expected):
+        raise CorruptCheckpointError(f"checksum mismatch in {where}: the file is damaged", path=where)
+    return data
 
 
 def copy_convert(
@@ -615,13 +746,15 @@ def copy_convert(
             for name in sorted(set(loc.manifest.files) - data_files):
                 if name.endswith(".index.json"):  # describes data files; the new format writes its own
                     continue
-                artifacts[name] = loc.backend.read_bytes(loc.backend.join(loc.url.path, name))
+                artifacts[name] = _read_artifact(loc, name, loc.manifest.files[name])
         elif loc.manifest.files:
             ctx.note(
                 f"format {loc.fmt.name!r} does not list its tensor files; extra files are not carried over"
             )
     from .manifest import MANIFEST_NAME
 
+    # refused before the whole source is read (the save below checks again, atomically)
+    _refuse_foreign(dst_backend, dst.path, dst)
     if dst_backend.exists(dst_backend.join(dst.path, MANIFEST_NAME)) and not overwrite:
         raise CheckpointError(f"{dst} already holds a committed checkpoint (pass --overwrite to replace it)")
     with _progress.progress(2, "cp (read, write)", unit="step") as bar:
@@ -667,13 +800,20 @@ def cmd_cp(args: argparse.Namespace, ctx: Ctx) -> int:
     if str(dst.storage_url) == str(loc.url.storage_url):
         raise UsageError("source and destination are the same location")
     t0 = time.perf_counter()
-    if fmt_name == src_fmt and loc.manifest is not None and not args.full:
-        info = copy_files(loc, dst, dst_backend, args.overwrite)
-    else:
-        info = copy_convert(loc, dst, dst_backend, fmt_name, args.overwrite, ctx)
+    try:
+        if fmt_name == src_fmt and loc.manifest is not None and not args.full:
+            info = copy_files(loc, dst, dst_backend, args.overwrite)
+        else:
+            info = copy_convert(loc, dst, dst_backend, fmt_name, args.overwrite, ctx)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
+        # hostile or damaged metadata that slipped past the format's checks: still a ckptio error
+        raise CheckpointError(f"cannot copy {loc.url}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        dst_backend.close()
     seconds = time.perf_counter() - t0
     data = {"src": str(loc.url), "dst": str(dst.with_format(None)), **info, "seconds": round(seconds, 4)}
-    dst_backend.close()
 
     def text() -> str:
         how = "copied" if info["mode"] == "files" else f"converted to {fmt_name}"
@@ -685,52 +825,134 @@ def cmd_cp(args: argparse.Namespace, ctx: Ctx) -> int:
 
 
 # -- rm ------------------------------------------------------------------------------------------
-def cmd_rm(args: argparse.Namespace, ctx: Ctx) -> int:
-    from .checkpoint import OLD_SUFFIX, PARTIAL_SUFFIX
-    from .manager import _STEP_RE, LATEST_NAME, CheckpointManager, step_name
+def _leftovers(backend: Any, root: str) -> dict[int, dict[str | None, list[str]]]:
+    """``{step: {token: [entries]}}``: staging, moved-aside and lease entries of every step."""
+    from .commit import parse_leftover
+    from .manager import _STEP_RE
 
-    mgr = CheckpointManager(args.url, storage_options=ctx.storage_options)
+    out: dict[int, dict[str | None, list[str]]] = {}
+    for entry in backend.listdir(root):
+        parsed = parse_leftover(entry)
+        if parsed is None:
+            continue
+        m = _STEP_RE.match(parsed[0])
+        if m:
+            out.setdefault(int(m.group(1)), {}).setdefault(parsed[1], []).append(entry)
+    return out
+
+
+def _holder_text(backend: Any, root: str, entries: list[str]) -> str:
+    from .commit import LEASE_SUFFIX, read_holder
+
+    for entry in entries:
+        if entry.endswith(LEASE_SUFFIX):
+            body = read_holder(backend, backend.join(root, entry)) or {}
+            return f"{body.get('host', '?')}/{body.get('pid', '?')}"
+    return "?"
+
+
+def _remove_leftovers(
+    backend: Any, root: str, groups: dict[str | None, list[str]], live: set[str]
+) -> list[dict[str, Any]]:
+    """Remove the dead leftovers of one step; a save still running (live lease) is left alone."""
+    from .commit import LEASE_SUFFIX
+
+    busy = []
+    for token, entries in groups.items():
+        if token is not None and token in live:
+            busy.append(
+                {"token": token, "holder": _holder_text(backend, root, entries), "entries": sorted(entries)}
+            )
+            continue
+        for entry in sorted(entries, key=lambda e: e.endswith(LEASE_SUFFIX)):  # the lease goes last
+            backend.remove(backend.join(root, entry), recursive=True)
+    return busy
+
+
+def _locked_hint(exc: CheckpointError) -> CheckpointError:
+    from .errors import RunLockedError
+
+    return RunLockedError(f"rm deleted nothing more: {exc}", holder=getattr(exc, "holder", None))
+
+
+def cmd_rm(args: argparse.Namespace, ctx: Ctx) -> int:
+    from .commit import live_tokens
+    from .errors import RunLockedError
+    from .manager import LATEST_NAME, CheckpointManager, step_name
+
+    mgr = CheckpointManager(args.url, storage_options=ctx.storage_options, takeover=args.takeover)
+    deleted: list[int] = []
+    remaining: list[int] = []
+    busy: list[dict[str, Any]] = []
     try:
+        backend, root = mgr.backend, mgr.root_path
         all_steps = mgr.all_steps()
-        if not all_steps:
+        leftovers = _leftovers(backend, root)
+        known = set(all_steps) | set(leftovers)
+        if not known:
             raise CheckpointNotFoundError(f"{mgr.root} holds no steps")
-        unknown = [s for s in args.steps if s not in all_steps]
+        unknown = [s for s in args.steps if s not in known]
         if unknown:
             raise CheckpointNotFoundError(
                 f"no step {', '.join(map(str, unknown))} under {mgr.root} "
-                f"(steps: {', '.join(map(str, all_steps))})"
+                f"(steps: {', '.join(map(str, sorted(known)))})"
             )
         protected = mgr.protected_steps()
-        refused = [s for s in args.steps if s in protected and all_steps[s]]
+        refused = [s for s in args.steps if s in protected and all_steps.get(s)]
         if refused and not args.force:
             raise CheckpointError(
                 f"step {', '.join(map(str, refused))} is the newest committed step, which retention protects; "
                 "pass --force to delete it anyway"
             )
-        deleted = []
+        live = live_tokens(backend, root)
+        committed_deleted = False
         for s in dict.fromkeys(args.steps):
-            if all_steps[s]:
-                mgr.delete(s, force=args.force)
-            for name in mgr.backend.listdir(mgr.root.path):  # uncommitted leftovers of the same step
-                base = name.lstrip(".").removesuffix(PARTIAL_SUFFIX).removesuffix(OLD_SUFFIX)
-                match = _STEP_RE.match(base)
-                if match and int(match.group(1)) == s:
-                    mgr.backend.remove(mgr.backend.join(mgr.root.path, name), recursive=True)
-            deleted.append(s)
-        # keep the `latest` pointer truthful when the newest step went away
+            removed = False
+            if all_steps.get(s):
+                try:
+                    mgr.delete(s, force=args.force)  # takes the run lock
+                except RunLockedError as exc:
+                    raise _locked_hint(exc) from exc
+                removed = committed_deleted = True
+            elif backend.exists(backend.join(root, step_name(s))):
+                # a step directory without its manifest: never committed (or half deleted)
+                backend.remove(backend.join(root, step_name(s)), recursive=True)
+                removed = True
+            groups = leftovers.get(s, {})
+            left = _remove_leftovers(backend, root, groups, live)
+            busy += [{"step": s, **entry} for entry in left]
+            if removed or len(left) < len(groups):
+                deleted.append(s)
         remaining = mgr.steps()
-        pointer = mgr.backend.join(mgr.root.path, LATEST_NAME)
-        if remaining:
-            mgr.backend.write_bytes(pointer, (step_name(remaining[-1]) + "\n").encode())
-        elif mgr.backend.exists(pointer):
-            mgr.backend.remove(pointer)
+        pointer = backend.join(root, LATEST_NAME)
+        if committed_deleted:  # keep the `latest` pointer truthful (this process holds the run lock)
+            latest = mgr.latest_step()  # the newest step holding its manifest; the pointer is a hint
+            if latest is None:
+                if backend.exists(pointer):
+                    backend.remove(pointer)
+            elif _pointer_text(backend, pointer).strip() != step_name(latest):
+                backend.write_bytes(pointer, (step_name(latest) + "\n").encode())
     finally:
         mgr.close()
-    ctx.emit(
-        {"url": str(mgr.root), "deleted": deleted, "remaining": remaining},
-        lambda: "\n".join(f"deleted step {s}" for s in deleted) + f"\nremaining: {remaining or 'none'}",
-    )
+    for b in busy:
+        ctx.note(f"step {b['step']}: a save is being written by {b['holder']}; its files were left alone")
+
+    def text() -> str:
+        lines = [f"deleted step {s}" for s in deleted]
+        lines += [f"step {b['step']}: being written by {b['holder']}, left alone" for b in busy]
+        return "\n".join(lines) + f"\nremaining: {remaining or 'none'}"
+
+    ctx.emit({"url": str(mgr.root), "deleted": deleted, "remaining": remaining, "busy": busy}, text)
     return EXIT_OK
+
+
+def _pointer_text(backend: Any, pointer: str) -> str:
+    from .backend import read_limited
+
+    try:
+        return read_limited(backend, pointer, 64, "latest pointer").decode("utf-8", "replace")
+    except CheckpointError:
+        return ""
 
 
 # -- consolidate and demo (optional modules, imported only when used) ----------------------------
@@ -911,7 +1133,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         cmd_cp,
         "copy or convert a checkpoint between URLs and formats",
         "Copy SRC to DST. With the same format, files are copied as they are (layout and checksums "
-        "kept). With another format (--format or a 'fmt+' prefix on DST) or --full, the checkpoint is "
+        "kept; every checksum is verified before the copy is published). With another format (--format "
+        "or a 'fmt+' prefix on DST) or --full, the checkpoint is "
         "loaded into CPU memory as full, unsharded tensors and saved anew, so it needs RAM for the "
         "whole checkpoint. A series root as SRC copies its newest committed step (or --step).",
     )
@@ -926,7 +1149,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="re-save as one full (unsharded) checkpoint even if the format is unchanged",
     )
     p.add_argument("--step", type=int, default=None, help="a step of a series root (default: latest)")
-    p.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a committed checkpoint at DST (a directory that is not a checkpoint is never replaced)",
+    )
     p.add_argument(
         "--dst-option",
         action="append",
@@ -941,11 +1168,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         cmd_rm,
         "delete steps of a series",
         "Delete steps under a CheckpointManager root. The newest committed step is protected (as "
-        "retention protects it) unless --force. Uncommitted leftovers of a step go too.",
+        "retention protects it) unless --force. Leftovers of interrupted saves of a step go too; a "
+        "save still running (live lease) is left alone. Refused while another live process holds "
+        "the run lock, unless --takeover.",
     )
     p.add_argument("url")
     p.add_argument("steps", nargs="+", type=int, metavar="STEP")
     p.add_argument("--force", action="store_true", help="also delete the newest committed step")
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the run lock over from the process holding it (only once you know that job is gone)",
+    )
 
     command = _subcommand(argv)
     p = _optional_parser(

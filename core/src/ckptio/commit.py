@@ -203,9 +203,21 @@ class Heartbeat:
 
 
 # -- recovery ------------------------------------------------------------------------------------
+#: Files whose presence makes a staged or moved-aside directory whole, each written last by its
+#: writer: a checkpoint's manifest, or the index of a Hugging Face export (``consolidate``).
+COMPLETE_MARKERS = (MANIFEST_NAME, "model.safetensors.index.json")
+
+
 def _has_manifest(backend: Backend, path: str) -> bool:
     try:
         return backend.exists(backend.join(path, MANIFEST_NAME))
+    except CheckpointError:
+        return False
+
+
+def _is_complete(backend: Backend, path: str) -> bool:
+    try:
+        return any(backend.exists(backend.join(path, marker)) for marker in COMPLETE_MARKERS)
     except CheckpointError:
         return False
 
@@ -242,7 +254,7 @@ def recover(backend: Backend, final: str, *, protect: frozenset[str] = frozenset
         for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX):
             for entries in dead.values():
                 src = entries.get(suffix)
-                if src and _has_manifest(backend, _sibling(backend, parent, src)):
+                if src and _is_complete(backend, _sibling(backend, parent, src)):
                     try:
                         backend.rename(_sibling(backend, parent, src), final)
                         backend.fsync_dir(parent or "/")
@@ -305,6 +317,7 @@ class Target:
     token: str = ""
     lease: Heartbeat | None = None
     committed: bool = False
+    replace_foreign: bool = False
     _parent: str = field(default="", repr=False)
     _name: str = field(default="", repr=False)
 
@@ -339,7 +352,16 @@ class Target:
             if overwrite:
                 backend.remove(backend.join(final, MANIFEST_NAME))  # uncommit first
             backend.makedirs(final)
-            return cls(backend, final, final, overwrite, what, _parent=parent, _name=name)
+            return cls(
+                backend,
+                final,
+                final,
+                overwrite,
+                what,
+                replace_foreign=replace_foreign,
+                _parent=parent,
+                _name=name,
+            )
         lease = Heartbeat(backend, "")
         token = lease.token
         lease.path = _sibling(backend, parent, leftover_name(name, token, LEASE_SUFFIX))
@@ -351,7 +373,18 @@ class Target:
         except BaseException:
             lease.stop()
             raise
-        return cls(backend, final, data_dir, overwrite, what, token, lease, _parent=parent, _name=name)
+        return cls(
+            backend,
+            final,
+            data_dir,
+            overwrite,
+            what,
+            token,
+            lease,
+            replace_foreign=replace_foreign,
+            _parent=parent,
+            _name=name,
+        )
 
     def check_files(self, files: dict[str, dict[str, Any]]) -> None:
         """Every file this save listed is in :attr:`data_dir` with its size (nobody removed it)."""
@@ -417,7 +450,7 @@ class Target:
                         raise
                     continue  # it was moved away meanwhile: try again
             # the target exists and is not empty
-            if not self.overwrite or not _has_manifest(b, self.final):
+            if not self.overwrite or not (self.replace_foreign or _has_manifest(b, self.final)):
                 raise ConcurrentWriteError(
                     f"another writer published {self.what} first; this save was not published"
                 )

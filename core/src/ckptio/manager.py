@@ -35,7 +35,7 @@ from .checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from .commit import Heartbeat, holder_alive, parse_leftover, read_holder, recover
+from .commit import OLD_SUFFIX, Heartbeat, holder_alive, parse_leftover, read_holder, recover
 from .errors import (
     AsyncSaveError,
     CheckpointError,
@@ -260,6 +260,24 @@ class CheckpointManager:
         if lock.lost is None and lock.is_ours():
             self.backend.remove(lock.path)
 
+    def _recover_replaced(self) -> None:
+        """Before a load: finish replacements of steps that a crash cut between their renames.
+
+        Such a step has no directory, only a moved-aside copy and maybe a complete new one, and
+        may be the newest good checkpoint. Only leftovers of dead writers are touched.
+        """
+        names = {
+            self.backend.join(self.root_path, p[0])
+            for e in self.backend.listdir(self.root_path)
+            if (p := parse_leftover(e)) and p[2] == OLD_SUFFIX and _STEP_RE.match(p[0])
+        }
+        for path in sorted(names):
+            if not self.backend.exists(path):
+                try:
+                    recover(self.backend, path)
+                except CheckpointError as exc:  # read-only storage: load what is there
+                    log.warning("could not recover %s: %s", self.backend.url(path), exc)
+
     def _cleanup_partials(self, keep: set[int]) -> None:
         """Finish interrupted replacements and drop dead leftovers of earlier saves.
 
@@ -477,6 +495,7 @@ class CheckpointManager:
     ) -> LoadResult:
         """Load ``step`` (default: the newest committed one) into ``state`` in place."""
         self.wait()
+        _dist.on_coordinator(self._recover_replaced, self.process_group)
         if step in ("latest", None):
             resolved = self.latest_step()
             if resolved is None:

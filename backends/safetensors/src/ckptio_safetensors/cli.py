@@ -33,6 +33,11 @@ def add_consolidate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--group", default=None, help="top-level state entry to export (default: model)")
     parser.add_argument("--no-verify", action="store_true", help="skip checksum checks while reading")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a destination that is not empty, whole and atomically (default: refuse it)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -53,6 +58,7 @@ def run_consolidate(args: argparse.Namespace) -> int:
             dtype_reference=getattr(args, "dtype_reference", None),
             group=getattr(args, "group", None),
             verify=not getattr(args, "no_verify", False),
+            overwrite=bool(getattr(args, "overwrite", False)),
             storage_options=sopts
             if isinstance(sopts := getattr(args, "storage_options", None), dict)
             else None,

@@ -14,9 +14,13 @@ How it stays fast and small:
   next tensors are read while the current one is written.
 * Every dtype works (torch's consolidator computes element sizes with ``finfo`` and crashes on
   integer tensors); casts touch ordinary float tensors only.
-* Output appears atomically: files are written to a staging directory that is renamed into place
-  (``rename`` backends) or the index is written last (``marker`` backends); a failed run never
-  leaves a directory that looks complete.
+* Output appears atomically, through ckptio's commit protocol (:mod:`ckptio.commit`): on
+  ``rename`` backends every file (shards, then the index last) goes to a unique staging directory
+  renamed into place in one step, so a crash at any moment leaves the old directory or the new
+  one, never a mix, and the next touch of the URL finishes or undoes an interrupted replacement;
+  on ``marker`` backends (object stores) the old index goes first and the new one is written last,
+  so a directory without its index is incomplete. A non-empty destination is replaced, whole,
+  only with ``overwrite=True``; otherwise nothing in it is touched.
 * With a ``process_group`` each rank writes every ``world_size``-th output file; the coordinator
   writes the index once every rank has finished.
 """
@@ -34,8 +38,9 @@ import torch
 import xxhash
 from ckptio import _dist
 from ckptio._buffers import tensor_memoryview
-from ckptio.backend import Backend
-from ckptio.checkpoint import open_backend, read_manifest, staging_path
+from ckptio.backend import Backend, read_limited
+from ckptio.checkpoint import open_backend, read_manifest
+from ckptio.commit import Target, recover
 from ckptio.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptio.formats import native as _native
 from ckptio.staging import _huge_page_empty
@@ -107,7 +112,43 @@ def _open_source(url: str, group: str | None, storage_options: dict[str, Any] | 
             tensors[out_name] = SourceTensor(m, by_fqn[fqn])
     if not tensors:
         raise CheckpointError(f"{u} holds no tensors{f' in group {group!r}' if group else ''} to consolidate")
+    _check_source(backend, u.path, tensors, backend.url(u.path))
     return Source(backend, u.path, tensors, native_hashes)
+
+
+def _check_source(backend: Backend, path: str, tensors: dict[str, SourceTensor], where: str) -> None:
+    """Every tensor is made of chunks that lie inside it, hold as many elements as it has, and are
+    backed by bytes that really are in the files: so nothing larger than the stored data is ever
+    allocated, and no element is left unwritten by a gap (formats also check overlaps)."""
+    sizes: dict[str, int] = {}
+    for name, st in tensors.items():
+        shape = tuple(st.meta.size)
+        itemsize = st.meta.properties.dtype.itemsize
+        covered = 0
+        for c in st.chunks:
+            if (
+                c.offsets is None
+                or c.sizes is None
+                or len(c.offsets) != len(shape)
+                or len(c.sizes) != len(shape)
+                or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(c.offsets, c.sizes, shape))
+                or c.length != math.prod(c.sizes) * itemsize
+            ):
+                raise CorruptCheckpointError(
+                    f"{where}: a chunk of {name!r} does not fit its shape {list(shape)}"
+                )
+            if c.file not in sizes:
+                sizes[c.file] = backend.size(backend.join(path, c.file))
+            if c.pos < 0 or c.pos + c.length > sizes[c.file]:
+                raise CorruptCheckpointError(
+                    f"{where}: {name!r} lies beyond the end of {c.file} ({sizes[c.file]} bytes)",
+                    path=backend.url(backend.join(path, c.file)),
+                )
+            covered += math.prod(c.sizes)
+        if covered != math.prod(shape):
+            raise CorruptCheckpointError(
+                f"{where}: the chunks of {name!r} hold {covered} elements, the tensor has {math.prod(shape)}"
+            )
 
 
 def _select_group(manifest: Any, md: Any, group: str | None) -> dict[str, str]:
@@ -131,14 +172,18 @@ def _select_group(manifest: Any, md: Any, group: str | None) -> dict[str, str]:
     return selected
 
 
+#: An HF index is a few hundred KB even for the largest models.
+_MAX_JSON_BYTES = 64 << 20
+
+
 def _read_json(url: str, storage_options: dict[str, Any] | None, default_name: str) -> Any:
     u, backend = open_backend(url, storage_options)
     path = u.path
     if not path.endswith(".json"):
         path = backend.join(path, default_name)
     try:
-        return json.loads(backend.read_bytes(path))
-    except ValueError as exc:
+        return json.loads(read_limited(backend, path, _MAX_JSON_BYTES, "index"))
+    except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{backend.url(path)} is not valid JSON ({exc})") from exc
 
 
@@ -330,6 +375,8 @@ def consolidate(
     verify: bool = True,
     max_inflight_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    in_place: bool = False,
 ) -> dict[str, Any]:
     """Write the full tensors of the checkpoint at ``src_url`` as an HF directory at ``dst_url``.
 
@@ -347,6 +394,11 @@ def consolidate(
         call); ``None``: this process writes everything, with no collectives.
     :param group: which top-level state entry to export (default ``model`` when present).
     :param verify: check chunk checksums while reading.
+    :param overwrite: replace a destination that is not empty (an earlier export, any directory),
+        whole and atomically. Without it such a destination is refused and left untouched.
+    :param in_place: write straight into ``dst_url``, a staging directory the caller owns and
+        publishes itself (the consolidated-hf addon); nothing there is removed, the index is
+        written last.
     :returns: the index dict (``{"metadata": {"total_size"}, "weight_map"}``).
     """
     pg = process_group
@@ -374,16 +426,23 @@ def consolidate(
     du = parse_url(dst_url)
     du, backend = open_backend(du, storage_options)
     final = du.path.rstrip("/") or du.path
-    work = staging_path(backend, final) if backend.commit_mode == "rename" else final
+    target: Target | None = None
 
-    def prepare() -> None:
-        if backend.commit_mode == "rename":
-            backend.remove(work, recursive=True)
-        else:
-            backend.remove(backend.join(final, INDEX_NAME))  # the marker goes first
-        backend.makedirs(work)
+    def prepare() -> str:
+        nonlocal target
+        if in_place:
+            backend.makedirs(final)
+            return final
+        target = _prepare_target(backend, final, str(du), overwrite)
+        return target.data_dir
 
-    _on_coordinator(prepare, pg)
+    work = _share(prepare, pg)
+    assert work is not None
+
+    def abort() -> None:
+        if target is not None:
+            target.abort()
+
     mine = [(n, names) for i, (n, names) in enumerate(zip(plan.names, plan.files)) if i % world == rank]
     total = sum(math.prod(specs[n][1]) * specs[n][0].itemsize for _, names in mine for n in names)
     bar = _progress(total, progress and rank == 0, du)
@@ -392,33 +451,78 @@ def consolidate(
         assemble = _Assembler(src, verify)
         n_workers = max(1, int(workers))
         largest = max((assemble.source_nbytes(n) for n in src.tensors), default=0)
-        ring = _Ring(max_inflight_bytes or max(largest, min(_RING_MIN, total)))
+        try:
+            ring = _Ring(max_inflight_bytes or max(largest, min(_RING_MIN, total)))
+        except (RuntimeError, MemoryError) as exc:
+            raise CheckpointError(f"consolidation cannot allocate its {largest}-byte buffer: {exc}") from exc
         with ThreadPoolExecutor(n_workers, thread_name_prefix="ckptio-consolidate") as pool:
             for fname, names in mine:
                 entries = layout([(n, specs[n][0], specs[n][1]) for n in names])
                 _write_file(
                     backend, backend.join(work, fname), entries, assemble, pool, ring, n_workers, bar.update
                 )
-    except Exception as exc:
+    except BaseException as exc:
         error = f"rank {rank}: {type(exc).__name__}: {exc}"
-        if world == 1:
+        if world == 1 or not isinstance(exc, Exception):
             bar.close()
-            _cleanup(backend, work, final)
+            abort()
             raise
     finally:
         bar.close()
     failures = [e for e in (_dist.all_gather(error, pg) if pg is not None else [error]) if e]
     if failures:
-        _on_coordinator(lambda: _cleanup(backend, work, final), pg)
+        _on_coordinator(abort, pg)
         raise CheckpointError("consolidation failed: " + "; ".join(failures))
 
     def publish() -> None:
-        backend.write_bytes(backend.join(work, INDEX_NAME), index_bytes(index))
-        if backend.commit_mode == "rename":
-            _publish_rename(backend, work, final, plan.names)
+        try:
+            backend.write_bytes(backend.join(work, INDEX_NAME), index_bytes(index))  # the index last
+            if target is not None:
+                target.commit(None)  # one rename on rename stores
+        except BaseException:
+            abort()
+            raise
 
     _on_coordinator(publish, pg)
     return index
+
+
+def _prepare_target(backend: Backend, final: str, what: str, overwrite: bool) -> Target:
+    """Where the new directory is written: a unique staging directory beside ``final`` (rename
+    stores) or ``final`` itself, its old index removed first (marker stores)."""
+    recover(backend, final)  # an interrupted replacement is finished or undone first
+    try:
+        existing = backend.listdir(final) if backend.exists(final) else []
+    except CheckpointNotFoundError:
+        existing = []
+    if existing and not overwrite:
+        raise CheckpointError(
+            f"{what} is not empty ({', '.join(sorted(existing)[:4])}{', ...' if len(existing) > 4 else ''}); "
+            "consolidation never writes into a directory it does not replace: pass overwrite=True "
+            "(ckptio consolidate --overwrite) to replace it whole, or choose another destination"
+        )
+    target = Target.prepare(
+        backend,
+        final,
+        overwrite=overwrite,
+        what=what,
+        hint="pass overwrite=True (ckptio consolidate --overwrite) to replace it",
+        replace_foreign=overwrite,
+    )
+    if backend.commit_mode != "rename" and existing:
+        # an object store has no rename: uncommit (the index goes first), then clear the prefix
+        backend.remove(backend.join(final, INDEX_NAME))
+        for name in existing:
+            if name != INDEX_NAME:
+                backend.remove(backend.join(final, name), recursive=True)
+    return target
+
+
+def _share(fn: Any, pg: Any) -> Any:
+    """Run ``fn`` on the coordinator and hand its result to every rank."""
+    if pg is None:
+        return fn()
+    return _dist.on_coordinator(fn, pg, share_result=True)
 
 
 def _on_coordinator(fn: Any, pg: Any) -> None:
@@ -428,36 +532,6 @@ def _on_coordinator(fn: Any, pg: Any) -> None:
         fn()
     else:
         _dist.on_coordinator(fn, pg)
-
-
-def _cleanup(backend: Backend, work: str, final: str) -> None:
-    if work != final:
-        backend.remove(work, recursive=True)
-
-
-def _publish_rename(backend: Backend, work: str, final: str, names: list[str]) -> None:
-    """Move the staged directory into place: one rename when ``final`` is new; otherwise files one
-    by one with the old index removed first and the new one moved last."""
-    parent = final.rsplit("/", 1)[0] if "/" in final else ""
-    if parent:
-        backend.makedirs(parent)
-    if not backend.exists(final) or not backend.listdir(final):
-        backend.remove(final, recursive=True)
-        backend.rename(work, final)
-    else:
-        backend.remove(backend.join(final, INDEX_NAME))
-        keep = set(names)
-        for old in backend.listdir(final):
-            if old.endswith(".safetensors") and old.startswith("model") and old not in keep:
-                backend.remove(backend.join(final, old))
-        for n in names:
-            backend.rename(backend.join(work, n), backend.join(final, n))
-        backend.fsync_dir(final)
-        backend.rename(backend.join(work, INDEX_NAME), backend.join(final, INDEX_NAME))
-        backend.remove(work, recursive=True)
-    backend.fsync_dir(final)
-    if parent:
-        backend.fsync_dir(parent)
 
 
 class _NoBar:

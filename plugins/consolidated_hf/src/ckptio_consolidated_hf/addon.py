@@ -17,10 +17,13 @@ Where the weights come from (``source``):
   whatever the model size.
 * ``"auto"`` (default): ``memory`` unless the state holds DTensors (FSDP2/TP), then ``checkpoint``.
 
-Atomicity: the directory is assembled under ``<step>/.consolidated.ckptio-partial`` and renamed into
-place on ``rename`` backends; on ``marker`` backends (object stores) the metadata goes first and
-the index is written last, so a directory without ``model.safetensors.index.json`` is incomplete.
-Being inside the step directory, it is deleted with the step by retention.
+Atomicity, through ckptio's commit protocol (:mod:`ckptio.commit`): on ``rename`` backends the
+whole directory (metadata files, shards, then the index last) is assembled in a unique staging
+directory ``<step>/.consolidated.<token>.ckptio-partial`` and renamed into place in one step, so
+a crash leaves the old export or the new one, never a mix; on ``marker`` backends (object stores)
+the old index goes first, the metadata and shards follow and the index is written last, so a
+directory without ``model.safetensors.index.json`` is incomplete. Being inside the step
+directory, it is deleted with the step by retention.
 
 Options: ``mode`` (``"every"``, ``"final"`` (default: only the save with ``final=True``), ``"off"``),
 ``model``/``key`` (default: the ``ckptio.ModelState`` in the state), ``config``,
@@ -40,7 +43,8 @@ import torch
 from ckptio import _dist
 from ckptio.addons import AddonContext, addon_hook, pretrained_files
 from ckptio.backend import Backend
-from ckptio.checkpoint import open_backend, staging_path
+from ckptio.checkpoint import open_backend
+from ckptio.commit import Target
 from ckptio.errors import CheckpointError
 from ckptio.gather import full_tensor
 from ckptio.state import ModelState
@@ -179,35 +183,50 @@ class ConsolidatedHFAddon:
             return
         backend, pg = ctx.backend, ctx.process_group
         final = backend.join(ctx.path, self.subdir)
-        work = staging_path(backend, final) if backend.commit_mode == "rename" else final
         tensors: dict[str, torch.Tensor] = job["tensors"]
         sharded = any(isinstance(t, DTensor) for t in tensors.values())
         source = self.source if self.source != "auto" else ("checkpoint" if sharded else "memory")
+        target: Target | None = None
 
-        def prepare() -> tuple[dict[str, torch.dtype] | None, dict[str, Any] | None]:
-            if backend.commit_mode == "rename":
-                backend.remove(work, recursive=True)
-            else:
-                backend.remove(backend.join(final, INDEX_NAME))  # incomplete from here on
-            backend.makedirs(work)
+        def prepare() -> tuple[str, dict[str, torch.dtype] | None, dict[str, Any] | None]:
+            nonlocal target
+            # the step is this save's own: an earlier export inside it is replaced, whole
+            target = Target.prepare(
+                backend, final, overwrite=True, what=backend.url(final), replace_foreign=True
+            )
+            work = target.data_dir
+            if work == final:  # an object store: uncommit the old export before writing over it
+                backend.remove(backend.join(final, INDEX_NAME))
             for name, data in self._metadata_files(job["model"]).items():
                 backend.write_bytes(backend.join(work, name), data)
             if self.base_model_path is None:
-                return None, None
+                return work, None, None
             dtypes, index = reference_layout(self.base_model_path, self.storage_options)
-            return dtypes, (index if self.mirror_shards else None)
+            return work, dtypes, (index if self.mirror_shards else None)
 
-        dtypes, ref_index = _dist.on_coordinator(prepare, pg, share_result=True) or (None, None)
-        if source == "checkpoint":
-            self._from_checkpoint(ctx, job["key"], work, ref_index)
-        else:
-            self._from_memory(ctx, tensors, work, dtypes, ref_index)
+        def abort() -> None:
+            if target is not None:
+                target.abort()
+
+        try:
+            shared = _dist.on_coordinator(prepare, pg, share_result=True)
+        except BaseException:
+            abort()
+            raise
+        assert shared is not None
+        work, dtypes, ref_index = shared
+        try:
+            if source == "checkpoint":
+                self._from_checkpoint(ctx, job["key"], work, ref_index)
+            else:
+                self._from_memory(ctx, tensors, work, dtypes, ref_index)
+        except BaseException:
+            abort()  # only the coordinator holds the target; the failure reached every rank
+            raise
 
         def publish() -> None:
-            if work != final:
-                backend.remove(final, recursive=True)
-                backend.rename(work, final)
-                backend.fsync_dir(ctx.path)
+            assert target is not None
+            target.commit(None)  # the index is already the last file written; one rename
             log.info("consolidated-hf: wrote %s", backend.url(final))
 
         _dist.on_coordinator(publish, pg)
@@ -269,6 +288,7 @@ class ConsolidatedHFAddon:
         consolidate(
             ctx.backend.url(ctx.path),
             ctx.backend.url(work),
+            in_place=True,
             max_shard_size=self.max_shard_size,
             reference_index=ref_index,
             dtype_reference=self.base_model_path,
