@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,170 @@ def test_structured_manifest_edits(reference: Path, data: st.DataObject) -> None
         only_ckptio_errors(ckpt, strict=strict)  # raises anything that is not a CheckpointError
         # nothing outside the checkpoint was read or touched: the reference is intact
         assert (Path(tmp) / "c").exists()
+
+
+# -- hostile manifests, re-signed: chunk lists, planner paths, sizes, nesting, numbers -------------
+HUGE = st.sampled_from([2**31, 2**40, 2**62, 2**63, 2**64, 10**30, 300_000_000, 1 << 20])
+NUMBER = st.one_of(
+    st.integers(-3, 70),
+    HUGE,
+    st.sampled_from([-(2**63), -1, 0.5, 1e300, -0.0, True, None, "7"]),
+)
+PATH_PART = st.one_of(
+    st.text(max_size=4), st.integers(-2, 5), HUGE, st.sampled_from([True, None, 1.5, "model", "w"])
+)
+
+
+@st.composite
+def hostile_edit(draw: st.DrawFn, fqns: list[str]) -> tuple[str, Any]:
+    """One hostile edit: (kind, parameters), applied by :func:`apply_hostile`."""
+    kind = draw(st.sampled_from(["chunks", "planner", "sizes", "depth", "numbers"]))
+    if kind == "chunks":  # a chunk list for model.w (6x8), data and checksums rewritten to match
+        dims = draw(st.sampled_from([2, 2, 2, 1, 3]))
+        coord = st.one_of(st.integers(0, 8), st.integers(-2, -1), HUGE)
+        box = st.tuples(
+            st.lists(coord, min_size=dims, max_size=dims), st.lists(coord, min_size=dims, max_size=dims)
+        )
+        return kind, draw(st.lists(box, min_size=0, max_size=400))
+    if kind == "planner":
+        path = st.lists(PATH_PART, min_size=0, max_size=draw(st.sampled_from([3, 3, 80])))
+        keys = st.one_of(st.sampled_from(fqns), st.text(max_size=8))
+        return kind, draw(st.dictionaries(keys, path, max_size=6))
+    if kind == "sizes":
+        where = draw(st.sampled_from(["tensor size", "file size", "pos", "length", "chunk"]))
+        return kind, (where, draw(st.sampled_from(fqns)), draw(NUMBER), draw(st.integers(1, 70)))
+    if kind == "depth":
+        field = draw(st.sampled_from(["user", "metrics", "format_metadata.dcp.planner_data", "files.x"]))
+        return kind, (field, draw(st.sampled_from([1, 31, 33, 200, 600, 5000, 100_000])), draw(st.booleans()))
+    field = draw(
+        st.sampled_from(["created", "world_size", "step", "ckptio_manifest", "metrics.loss", "user.n"])
+    )
+    return kind, (
+        field,
+        draw(st.one_of(NUMBER, st.sampled_from(["1" * 5000, "1e400", "-1e309", "NaN", "1.5e-320"]))),
+    )
+
+
+def apply_hostile(ckpt: Path, edits: list[tuple[str, Any]]) -> None:
+    """Apply ``edits`` to the checkpoint's manifest and sign it again."""
+    from ._ckpt import sample_state, write_chunked, write_signed_text
+
+    rest = []
+    for kind, arg in edits:  # chunk lists that fit the tensor get matching data and checksums
+        if kind == "chunks" and ckpt.joinpath("__0_0.bin").exists():
+            if all(len(b[0]) == 2 and all(0 <= x <= 64 for part in b for x in part) for b in arg):
+                write_chunked(
+                    ckpt, "model.w", sample_state()["model"]["w"], [(tuple(o), tuple(s)) for o, s in arg]
+                )
+                continue
+        rest.append((kind, arg))
+    body = read_manifest_json(ckpt)
+    raw: dict[str, str] = {}
+    for edit in rest:
+        _hostile_edit(body, raw, edit)
+    write_signed_text(ckpt, body, raw)
+
+
+def _hostile_edit(body: dict[str, Any], raw: dict[str, str], edit: tuple[str, Any]) -> None:
+    import math
+
+    kind, arg = edit
+    fm = body["format_metadata"]
+    state, storage = fm["dcp"]["state"], fm["storage"]
+    if kind == "chunks":
+        state["model.w"]["chunks"] = [list(map(list, b)) for b in arg]
+    elif kind == "planner":
+        fm["dcp"]["planner_data"] = arg
+    elif kind == "sizes":
+        where, fqn, value, ndim = arg
+        entry = next(e for e in storage if e["fqn"] == fqn)
+        if where == "tensor size" and state.get(fqn):
+            state[fqn]["size"] = [value] * min(ndim, 3) if ndim < 65 else [1] * ndim
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                # consistent everywhere: one chunk, a matching length and a file that claims it
+                n = math.prod(state[fqn]["size"])
+                state[fqn]["chunks"] = [[[0] * len(state[fqn]["size"]), state[fqn]["size"]]]
+                entry["offsets"] = [0] * len(state[fqn]["size"])
+                entry["length"] = n * 4
+                body["files"][entry["file"]]["size"] = entry["pos"] + entry["length"]
+        elif where == "file size":
+            body["files"][entry["file"]]["size"] = value
+        elif where in ("pos", "length"):
+            entry[where] = value
+        elif state.get(fqn):
+            state[fqn]["chunks"][0][ndim % 2] = [value] * len(state[fqn]["size"])
+    elif kind == "depth":
+        field, depth, as_list = arg
+        nested = ("[" * depth + "1" + "]" * depth) if as_list else ('{"a":' * depth + "1" + "}" * depth)
+        placeholder = f"@@nested{len(raw)}@@"
+        raw[placeholder] = nested
+        if field == "files.x":
+            body["files"]["x"] = placeholder
+        elif field.startswith("format_metadata"):
+            fm["dcp"]["planner_data"] = {"model.w": placeholder}
+        else:
+            body[field] = {"k": placeholder}
+    else:
+        field, value = arg
+        if isinstance(value, str) and (
+            value[:1].isdigit() or value in ("1e400", "-1e309", "NaN", "1.5e-320")
+        ):
+            placeholder = f"@@number{len(raw)}@@"
+            raw[placeholder] = value
+            value = placeholder
+        if "." in field:
+            top, key = field.split(".")
+            body[top][key] = value
+        else:
+            body[field] = value
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ._ckpt import sample_state
+
+    root = tmp_path_factory.mktemp("refs")
+    ckptio.save(sample_state(), f"safetensors+file://{root / 'safetensors'}")
+    return {"native": make_checkpoint(root / "native"), "safetensors": root / "safetensors"}
+
+
+@pytest.mark.timeout(240)
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_hostile_manifests_fail_cleanly_fast_and_small(
+    references: dict[str, Path], data: st.DataObject
+) -> None:
+    """Issue 11: whatever a validly signed manifest says, load, verify, ``inspect``, ``ls`` and
+    ``cp --full`` end in success or a ckptio error, each within 2 s and 512 MB."""
+    from ckptio import cli
+
+    from ._ckpt import peak_rss_mb, reset_peak_rss_mb
+
+    fmt = data.draw(st.sampled_from(sorted(references)), label="format")
+    fqns = [e["fqn"] for e in read_manifest_json(references[fmt])["format_metadata"]["storage"]]
+    edits = data.draw(st.lists(hostile_edit(fqns), min_size=1, max_size=2), label="edits")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = clone(references[fmt], Path(tmp) / "c")
+        apply_hostile(ckpt, edits)
+        actions = {
+            "load": lambda: load_and_verify(ckpt, strict=False),
+            "inspect": lambda: _cli(cli, "inspect", str(ckpt)),
+            "ls": lambda: _cli(cli, "ls", str(ckpt)),
+            "cp --full": lambda: _cli(cli, "cp", "--full", str(ckpt), str(Path(tmp) / "out")),
+        }
+        for name, action in actions.items():
+            base = reset_peak_rss_mb()
+            t0 = time.monotonic()
+            try:
+                action()
+            except ckptio.CheckpointError:
+                pass
+            elapsed, grown = time.monotonic() - t0, peak_rss_mb() - base
+            assert elapsed < 2.0, f"{name} took {elapsed:.1f} s"
+            assert grown < 512, f"{name} grew the peak RSS by {grown:.0f} MB"
+
+
+def _cli(cli: Any, *args: str) -> None:
+    """A ``ckptio`` command in this process: success or a checkpoint error, nothing else."""
+    code = cli.main(list(args))
+    assert code in (cli.EXIT_OK, cli.EXIT_CHECKPOINT), (args, code)

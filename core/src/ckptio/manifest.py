@@ -7,8 +7,13 @@ a checksum of itself, so a flipped byte in the manifest is detected like one in 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import math
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -19,7 +24,19 @@ from .url import join_path
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-MAX_MANIFEST_BYTES = 1 << 30
+#: The largest manifest ckptio reads. About 700k chunks (storage entries) fit: a model of 1,000
+#: tensors sharded over 512 ranks needs ~90 MB less than this. Parsing one this size takes about
+#: a second and 1-2 GB of Python objects; anything larger is refused before it is read.
+MAX_MANIFEST_BYTES = 64 << 20
+#: At most this many files, chunks or storage entries in one manifest (64 MiB holds fewer).
+MAX_ENTRIES = 1 << 20
+#: A declared file size above this (256 TiB) is refused; sizes are also compared with the real files.
+MAX_FILE_BYTES = 1 << 48
+#: Nesting depth allowed in ``user`` metadata and metrics (JSON objects and lists).
+MAX_USER_DEPTH = 32
+#: ``created`` must lie between the epoch and this (the year 5138).
+MAX_CREATED = 1e11
+_MAX_WORLD = 1 << 31
 
 
 @dataclass
@@ -52,24 +69,43 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
-        """Parse and check a manifest; any defect is a :class:`CorruptCheckpointError`."""
+        """Parse and check a manifest; any defect is a :class:`CorruptCheckpointError`.
+
+        Callers read ``data`` with :func:`ckptio.backend.read_limited` and
+        :data:`MAX_MANIFEST_BYTES`, so that an oversized file is refused before it is read.
+        The format's metadata is checked by the format when it is used.
+        """
         if len(data) > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(f"{where}: manifest is {len(data)} bytes, refusing", path=where)
+            raise CorruptCheckpointError(
+                f"{where}: manifest is {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} allowed; refusing",
+                path=where,
+            )
         try:
-            body = json.loads(data.decode("utf-8"))
+            with no_gc():
+                body = json.loads(data.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})", path=where) from exc
         if not isinstance(body, dict):
             raise CorruptCheckpointError(f"{where}: manifest is not a JSON object", path=where)
         checksum = body.pop("checksum", None)
-        try:
-            text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"{where}: manifest holds invalid numbers", path=where) from exc
-        if checksum != "xxh3_64:" + xxhash.xxh3_64_hexdigest(text.encode()):
-            raise CorruptCheckpointError(
-                f"{where}: manifest checksum mismatch (the file is damaged)", path=where
-            )
+        for key in ("user", "metrics"):
+            if _too_deep(body.get(key), MAX_USER_DEPTH):
+                raise CorruptCheckpointError(
+                    f"{where}: manifest field {key!r} is nested more than {MAX_USER_DEPTH} levels deep",
+                    path=where,
+                )
+        if not (isinstance(checksum, str) and _canonical_checksum_ok(data, checksum)):
+            # not laid out as ckptio writes it (e.g. pretty-printed): hash the canonical form
+            try:
+                text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            except ValueError as exc:
+                raise CorruptCheckpointError(f"{where}: manifest holds invalid numbers", path=where) from exc
+            except RecursionError as exc:
+                raise CorruptCheckpointError(f"{where}: manifest is nested too deeply", path=where) from exc
+            if checksum != "xxh3_64:" + xxhash.xxh3_64_hexdigest(text.encode()):
+                raise CorruptCheckpointError(
+                    f"{where}: manifest checksum mismatch (the file is damaged)", path=where
+                )
         if body.get("ckptio_manifest") != MANIFEST_VERSION:
             raise CorruptCheckpointError(
                 f"{where}: manifest version {body.get('ckptio_manifest')!r} is not supported by this ckptio",
@@ -83,15 +119,22 @@ class Manifest:
             isinstance(m.format, str)
             and isinstance(m.files, dict)
             and isinstance(m.format_metadata, dict)
-            and isinstance(m.world_size, int)
-            and (m.step is None or (isinstance(m.step, int) and not isinstance(m.step, bool)))
+            and _is_int(m.world_size)
+            and (m.step is None or _is_int(m.step))
             and isinstance(m.metrics, dict)
             and isinstance(m.addons, list)
             and all(isinstance(a, str) for a in m.addons)
             and isinstance(m.user, dict)
             and isinstance(m.created, (int, float))
+            and not isinstance(m.created, bool)
         ):
             raise CorruptCheckpointError(f"{where}: manifest fields have the wrong types", path=where)
+        if not 0 <= m.created <= MAX_CREATED:  # also refuses NaN
+            raise CorruptCheckpointError(f"{where}: creation time {m.created!r} is out of range", path=where)
+        if not 1 <= m.world_size <= _MAX_WORLD or (m.step is not None and not 0 <= m.step < 1 << 63):
+            raise CorruptCheckpointError(f"{where}: world size or step out of range", path=where)
+        if len(m.files) > MAX_ENTRIES or len(m.addons) > MAX_ENTRIES:
+            raise CorruptCheckpointError(f"{where}: manifest lists too many files", path=where)
         for name, info in m.files.items():
             try:
                 join_path("/x", name)
@@ -100,6 +143,72 @@ class Manifest:
                     f"{where}: file name {name!r} escapes the checkpoint", path=where
                 ) from exc
             size = info.get("size") if isinstance(info, dict) else None
-            if not isinstance(size, int) or size < 0:
+            if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
                 raise CorruptCheckpointError(f"{where}: bad size for {name!r}", path=where)
         return m
+
+
+#: The checksum member as :meth:`Manifest.to_bytes` writes it: second, after ``addons`` (a list
+#: of strings, whose quotes would be escaped), so its first match is the real one.
+_CHECKSUM_MEMBER = re.compile(rb',"checksum":"(xxh3_64:[0-9a-f]{16})"')
+
+
+def _canonical_checksum_ok(data: bytes, checksum: str) -> bool:
+    """Whether ``data`` is laid out exactly as :meth:`Manifest.to_bytes` writes it and, without
+    its checksum member, hashes to ``checksum``: then the canonical re-encoding that the checksum
+    covers is those very bytes, and encoding it again (as long as parsing it) is not needed."""
+    if not data.startswith(b'{"addons":['):
+        return False
+    m = _CHECKSUM_MEMBER.search(data)
+    if m is None or m.group(1) != checksum.encode():
+        return False
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    h = xxhash.xxh3_64()
+    h.update(memoryview(data)[: m.start()])
+    h.update(memoryview(data)[m.end() : end])
+    return "xxh3_64:" + h.hexdigest() == checksum
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many acyclic objects (parsed JSON):
+    its collections, triggered by the allocations alone, can double the time of a large parse."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests deeper than ``limit`` (iterative, so depth cannot overflow)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            items: Any = v.values()
+        elif isinstance(v, list):
+            items = v
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((x, depth + 1) for x in items if isinstance(x, (dict, list)))
+    return False

@@ -6,13 +6,15 @@
   copy of per-rank state such as RNG. A difference is an error that says to use
   :class:`ckptio.PerRank`.
 * Loads check keys, shapes and dtypes up front and report every offending key at once.
+* Quantized tensors are refused at save (their scale and zero point would be lost), and meta
+  tensors at load (there is no memory to load into).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from ._buffers import tensor_memoryview
 from .errors import CheckpointError, StateMismatchError
-from .serialization import decode_value, encode_value
+from .serialization import QUANTIZED_DTYPES, decode_value, encode_value, quantized_message
 
 
 def _digest(obj: Any, where: str) -> str:
@@ -46,6 +48,13 @@ class SafeSavePlanner(DefaultSavePlanner):
         self._check_replicas = check_replicas
 
     def create_local_plan(self) -> SavePlan:
+        quantized = sorted(
+            fqn
+            for fqn, v in self.state_dict.items()
+            if isinstance(v, torch.Tensor) and v.dtype in QUANTIZED_DTYPES
+        )
+        if quantized:
+            raise StateMismatchError(quantized_message(quantized), mismatched=quantized)
         plan = super().create_local_plan()
         if not self._check_replicas or not torch.distributed.is_initialized():
             return plan
@@ -98,6 +107,19 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # ranks: every rank holds only its own, so they are neither unexpected nor an error here.
         self._per_rank_prefixes = [f"{k}.rank" for k in per_rank_keys]
         self._rank = rank
+
+    def set_up_planner(
+        self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False
+    ) -> None:
+        meta = _meta_tensors(state_dict)
+        if meta:
+            shown = ", ".join(meta[:10]) + (f", ... ({len(meta) - 10} more)" if len(meta) > 10 else "")
+            raise StateMismatchError(
+                f"cannot load into tensors on the meta device (they have no memory): {shown}. "
+                "Materialise them first, e.g. model.to_empty(device='cpu') or torch.empty_like(t, device=...)",
+                mismatched=meta,
+            )
+        super().set_up_planner(state_dict, metadata, is_coordinator)
 
     def _other_rank(self, fqn: str) -> bool:
         for prefix in self._per_rank_prefixes:
@@ -164,3 +186,19 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+def _meta_tensors(state: Any) -> list[str]:
+    """Dotted keys of the tensors on the meta device in a nested state (iterative walk)."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", state)]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "meta":
+                found.append(prefix)
+        elif isinstance(value, Mapping):
+            stack.extend((f"{prefix}.{k}" if prefix else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{prefix}.{i}" if prefix else str(i), v) for i, v in enumerate(value))
+    return sorted(found)

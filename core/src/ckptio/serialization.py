@@ -101,20 +101,44 @@ def decode_value(data: bytes, where: str = "?") -> Any:
         raise CorruptCheckpointError(f"value {where!r} is not valid ckptio JSON: {exc}") from exc
 
 
+#: Quantized dtypes: their bytes mean nothing without the scale and zero point, which DCP's
+#: metadata has no place for, so ckptio refuses to store them (see :func:`check_not_quantized`).
+QUANTIZED_DTYPES = frozenset(
+    getattr(torch, n)
+    for n in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+    if isinstance(getattr(torch, n, None), torch.dtype)
+)
+
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
     for name in dir(torch)
-    if isinstance(getattr(torch, name, None), torch.dtype) and not name.startswith("_")
+    if isinstance(getattr(torch, name, None), torch.dtype)
+    and not name.startswith("_")
+    and getattr(torch, name) not in QUANTIZED_DTYPES
 }
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def quantized_message(keys: list[str]) -> str:
+    shown = ", ".join(keys[:10]) + (f", ... ({len(keys) - 10} more)" if len(keys) > 10 else "")
+    return (
+        f"quantized tensors cannot be saved (their scale and zero point would be lost): {shown}. "
+        "Dequantize them (t.dequantize()), or save t.int_repr() with t.q_scale()/t.q_zero_point() "
+        "(or q_per_channel_scales()/q_per_channel_zero_points()) as separate entries."
+    )
+
+
+def dtype_name(dtype: torch.dtype, key: str = "?") -> str:
+    if dtype in QUANTIZED_DTYPES:
+        raise StateMismatchError(quantized_message([key]), mismatched=[key])
     return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; unknown names are corrupt metadata, not a default."""
-    dt = _DTYPES.get(str(name).removeprefix("torch."))
+    """``"bfloat16"`` -> ``torch.bfloat16``; unknown names are corrupt metadata, not a default.
+
+    Quantized dtypes are unknown here: ckptio never writes them.
+    """
+    dt = _DTYPES.get(name.removeprefix("torch.")) if isinstance(name, str) else None
     if dt is None:
         raise CorruptCheckpointError(f"unknown dtype {name!r} in checkpoint metadata")
     return dt

@@ -49,6 +49,7 @@ DTYPE_TO_CODE: dict[torch.dtype, str] = {
 CODE_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_CODE.items()}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+MAX_NDIM = 64  # as ckptio's native metadata
 ALIGN = 8
 
 
@@ -182,12 +183,12 @@ def parse_header(raw: bytes, where: str, file_size: int | None = None) -> Parsed
     for name, info in body.items():
         try:
             dtype = CODE_TO_DTYPE[info["dtype"]]
+            if type(info["shape"]) is not list or len(info["shape"]) > MAX_NDIM:
+                raise TypeError(f"shape must be a list of at most {MAX_NDIM} sizes")
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
-            if not all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end)
-            ):
-                raise TypeError("negative or non-integer size")
+            if not all(type(x) is int and 0 <= x < 1 << 62 for x in (*shape, begin, end)):
+                raise TypeError("negative, absurd or non-integer size")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(
                 f"{where}: bad header entry for {name!r} ({exc})", path=where

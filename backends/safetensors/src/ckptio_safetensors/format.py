@@ -22,10 +22,19 @@ from typing import Any
 import torch
 import xxhash
 from ckptio._buffers import tensor_memoryview
-from ckptio.backend import Backend
+from ckptio.backend import Backend, read_limited
 from ckptio.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
-from ckptio.formats.base import Format, FormatReader, FormatWriter, TensorEntry, tensor_entries
-from ckptio.formats.native import _split_by_size, metadata_from_json, metadata_to_json
+from ckptio.formats.base import (
+    FileSizeChecker,
+    Format,
+    FormatReader,
+    FormatWriter,
+    TensorEntry,
+    is_first_rank,
+    missing_file,
+    tensor_entries,
+)
+from ckptio.formats.native import _split_by_size, metadata_from_json, metadata_to_json, tiling_problem
 from ckptio.manifest import Manifest
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -55,6 +64,8 @@ DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # torch's HF key, so torch's HF reader/c
 _SAFE_GROUP = re.compile(r"^[^/\\]+$")
 _OWN_FILE = re.compile(r"^(rank\d{5}-\d{2}\.safetensors|values-rank\d{5}\.json)$")
 SPLIT_BYTES = 64 << 20  # a group smaller than this is written as one file per rank
+#: The largest ``model.safetensors.index.json`` read (DeepSeek-V3's, 90k weights, is ~9 MB).
+MAX_INDEX_BYTES = 64 << 20
 
 
 def _item_bytes(item: WriteItem) -> int:
@@ -74,8 +85,16 @@ def split_fqn(fqn: str, path: tuple[Any, ...] | None) -> tuple[str, str]:
     return group, name
 
 
+def group_dir(group: str) -> str:
+    """The directory of a group's files: the state key itself, unless it could collide with a
+    file of the checkpoint (``manifest.json``, the index, ``values-rank*.json``, an addon's
+    ``adapter_config.json``...: every such name has a dot), which gets a ``~`` appended. Names
+    ending with ``~`` get one more, so two state keys never share a directory."""
+    return f"{group}~" if "." in group or group.endswith("~") else group
+
+
 def group_file(group: str, name: str) -> str:
-    return f"{group}/{name}" if group else name
+    return f"{group_dir(group)}/{name}" if group else name
 
 
 # -- writer --------------------------------------------------------------------------------
@@ -98,29 +117,29 @@ class SafetensorsWriter(FormatWriter):
                 raise StateMismatchError(f"state keys {other!r} and {item.index.fqn!r} both map to {name!r}")
             by_group[group].append((item, name))
         n_threads = max(1, int(self.options.get("thread_count", DEFAULT_WRITE_THREADS)))
-        jobs: list[tuple[str, list[tuple[WriteItem, str]]]] = []
+        jobs: list[tuple[str, str, list[tuple[WriteItem, str]]]] = []
         for group, pairs in sorted(by_group.items()):
             names = {id(it): nm for it, nm in pairs}
             group_bytes = sum(_item_bytes(it) for it, _ in pairs)
             buckets = _split_by_size([it for it, _ in pairs], n_threads if group_bytes >= SPLIT_BYTES else 1)
             for k, bucket in enumerate(buckets):
                 fname = group_file(group, f"rank{rank:05d}-{k:02d}.safetensors")
-                jobs.append((fname, [(it, names[id(it)]) for it in bucket]))
+                jobs.append((fname, group, [(it, names[id(it)]) for it in bucket]))
         results: list[WriteResult] = []
         if values:
             results.extend(self._write_values(f"{VALUES_PREFIX}{rank:05d}.json", values, planner))
         if len(jobs) <= 1:
-            for fname, pairs in jobs:
-                results.extend(self._write_file(fname, pairs, planner))
+            for fname, group, pairs in jobs:
+                results.extend(self._write_file(fname, group, pairs, planner))
         else:
             with ThreadPoolExecutor(min(n_threads, len(jobs)), thread_name_prefix="ckptio-st-write") as pool:
-                futures = [pool.submit(self._write_file, fname, pairs, planner) for fname, pairs in jobs]
+                futures = [pool.submit(self._write_file, *job, planner) for job in jobs]
                 for fut in futures:
                     results.extend(fut.result())
         return results
 
     def _write_file(
-        self, fname: str, pairs: list[tuple[WriteItem, str]], planner: SavePlanner
+        self, fname: str, group: str, pairs: list[tuple[WriteItem, str]], planner: SavePlanner
     ) -> list[WriteResult]:
         by_name = {name: item for item, name in pairs}
         specs = []
@@ -155,6 +174,7 @@ class SafetensorsWriter(FormatWriter):
             item = by_name[e.name]
             info = {
                 "file": fname,
+                "group": group,
                 "name": e.name,
                 "pos": start + e.begin,
                 "length": e.nbytes,
@@ -211,8 +231,10 @@ class SafetensorsWriter(FormatWriter):
         files: dict[str, dict[str, Any]] = {}
         storage = []
         names: dict[str, list[str]] = {}
-        groups: dict[str, dict[str, str]] = defaultdict(dict)
-        partial_groups: set[str] = set()
+        # per group directory: {tensor name: file name}, the bytes, and whether all are whole
+        weight_maps: dict[str, dict[str, str]] = defaultdict(dict)
+        totals: dict[str, int] = defaultdict(int)
+        partial_dirs: set[str] = set()
         for r in results:
             sd = r.storage_data
             files[sd["file"]] = {"size": sd["file_size"]}
@@ -228,20 +250,20 @@ class SafetensorsWriter(FormatWriter):
             )
             if sd.get("value"):
                 continue
-            group = sd["file"].rsplit("/", 1)[0] if "/" in sd["file"] else ""
-            names[r.index.fqn] = [group, sd["name"]]
-            groups[group][sd["name"]] = sd["file"].rsplit("/", 1)[-1]
+            dirname, _, base = sd["file"].rpartition("/")
+            names[r.index.fqn] = [sd["group"], sd["name"]]
+            weight_maps[dirname][sd["name"]] = base
+            totals[dirname] += sd["length"]
             if not sd["whole"]:
-                partial_groups.add(group)
+                partial_dirs.add(dirname)
         # A group whose tensors are all whole is a valid HF directory: give it the HF index.
-        for group, weight_map in sorted(groups.items()):
-            if group in partial_groups:
+        for dirname, weight_map in sorted(weight_maps.items()):
+            if dirname in partial_dirs:
                 continue
-            total = sum(s["length"] for s in storage if names.get(s["fqn"], [None])[0] == group)
             data = index_bytes(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                {"metadata": {"total_size": totals[dirname]}, "weight_map": dict(sorted(weight_map.items()))}
             )
-            rel = group_file(group, INDEX_NAME)
+            rel = f"{dirname}/{INDEX_NAME}" if dirname else INDEX_NAME
             self.backend.write_bytes(self.backend.join(self.path, rel), data)
             files[rel] = {"size": len(data), "xxh3": xxhash.xxh3_64_hexdigest(data)}
         fm = {"layout": LAYOUT_VERSION, "dcp": metadata_to_json(metadata), "storage": storage, "names": names}
@@ -266,18 +288,27 @@ class Chunk:
 ChunkTable = dict[tuple[str, tuple[int, ...] | None], Chunk]
 
 
-def manifest_metadata(manifest: Manifest, where: str) -> tuple[Metadata, ChunkTable]:
+def manifest_metadata(
+    manifest: Manifest, where: str, *, require_checksums: bool = True
+) -> tuple[Metadata, ChunkTable]:
     """DCP ``Metadata`` and the chunk table from a manifest.
 
     The core's checked parser validates every number (shapes, chunk coverage, byte ranges within
-    the files); the whole-chunk checksums, which are this format's own, are checked here.
+    the files); the whole-chunk checksums, which are this format's own, are checked here, and
+    are required unless ``require_checksums`` is false (``verify=False`` loads, ``inspect``).
+    So is ``names`` (``{fqn: [group, name in the file]}``).
     """
     fm = manifest.format_metadata
     storage = fm.get("storage") if isinstance(fm, dict) else None
     if not isinstance(storage, list) or not all(isinstance(x, dict) for x in storage):
         raise CorruptCheckpointError(f"{where}: safetensors metadata is malformed (storage)")
     stripped = {**fm, "storage": [{k: v for k, v in x.items() if k != "xxh3"} for x in storage]}
-    md, entries = metadata_from_json(stripped, manifest.files, where)
+    md, entries = metadata_from_json(stripped, manifest.files, where, require_checksums=False)
+    names = fm.get("names", {})
+    if not isinstance(names, dict) or not all(
+        type(v) is list and len(v) == 2 and type(v[0]) is str and type(v[1]) is str for v in names.values()
+    ):
+        raise CorruptCheckpointError(f"{where}: safetensors metadata is malformed (names)")
     hashes: dict[tuple[str, tuple[int, ...] | None], str | None] = {}
     for x in storage:
         h = x.get("xxh3")
@@ -287,7 +318,13 @@ def manifest_metadata(manifest: Manifest, where: str) -> tuple[Metadata, ChunkTa
         hashes[(x["fqn"], tuple(off) if isinstance(off, list) else None)] = h
     table: ChunkTable = {}
     for key, e in entries.items():
-        table[key] = Chunk(e.fqn, e.offsets, e.sizes, e.dtype, e.file, e.pos, e.length, hashes.get(key))
+        h = hashes.get(key)
+        if h is None and require_checksums:
+            raise CorruptCheckpointError(
+                f"{where}: {e.fqn!r} has no checksum; a committed checkpoint always has them "
+                "(load with verify=False to read it unchecked)"
+            )
+        table[key] = Chunk(e.fqn, e.offsets, e.sizes, e.dtype, e.file, e.pos, e.length, h)
     md.storage_data = table
     return md, table
 
@@ -301,7 +338,13 @@ class SafetensorsReader(FormatReader):
     """
 
     def __init__(
-        self, backend: Backend, path: str, metadata: Metadata, chunks: ChunkTable, **options: Any
+        self,
+        backend: Backend,
+        path: str,
+        metadata: Metadata,
+        chunks: ChunkTable,
+        files: dict[str, dict[str, Any]] | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         self.backend = backend
@@ -312,6 +355,12 @@ class SafetensorsReader(FormatReader):
         self.thread_count = max(1, int(options.get("thread_count", 4)))
         self.bytes_read = 0
         self._lock = threading.Lock()
+        # ``files``: the sizes a manifest declares, made true before anything is read or
+        # allocated (one rank checks all, each rank those it reads). Foreign directories have
+        # none: their headers are checked against the real sizes as they are parsed.
+        self._sizes = FileSizeChecker(backend, path, files or {}, threads=4 * self.thread_count)
+        if files is not None and is_first_rank():
+            self._sizes.check(c.file for c in chunks.values())
 
     def _chunk(self, req: ReadItem) -> Chunk:
         off = tuple(req.storage_index.offset) if req.storage_index.offset is not None else None
@@ -319,8 +368,10 @@ class SafetensorsReader(FormatReader):
 
     def read_data(self, plan: Any, planner: LoadPlanner) -> torch.futures.Future[None]:
         jobs = []
-        for req in sorted(plan.items, key=lambda r: (self._chunk(r).file, self._chunk(r).pos)):
-            c = self._chunk(req)
+        todo = sorted(((self._chunk(r), r) for r in plan.items), key=lambda cr: (cr[0].file, cr[0].pos))
+        if self._sizes.files:
+            self._sizes.check(c.file for c, _ in todo)
+        for c, req in todo:
             dst = None if req.type == LoadItemType.BYTE_IO else planner.resolve_tensor(req)
             jobs.append((req, c, dst))
         if self.thread_count == 1 or len(jobs) <= 1:
@@ -346,6 +397,12 @@ class SafetensorsReader(FormatReader):
             )
 
     def _read(self, req: ReadItem, c: Chunk, dst: torch.Tensor | None) -> bytes | None:
+        try:
+            return self._read_chunk(req, c, dst)
+        except FileNotFoundError as exc:  # a listed file deleted since it was checked
+            raise missing_file(self.backend, self.backend.join(self.path, c.file), exc) from exc
+
+    def _read_chunk(self, req: ReadItem, c: Chunk, dst: torch.Tensor | None) -> bytes | None:
         fpath = self.backend.join(self.path, c.file)
         if dst is None:
             data = self.backend.read_bytes(fpath, c.pos, c.length)
@@ -388,14 +445,34 @@ class SafetensorsReader(FormatReader):
             self.bytes_read += n
 
 
+def _hash_range(backend: Backend, fpath: str, pos: int, length: int, digest: str | None) -> bool:
+    """Whether ``length`` bytes at ``pos`` are all there and hash to ``digest``, read in 16 MiB
+    pieces (a multi-GB tensor is never held whole)."""
+    h = xxhash.xxh3_64()
+    try:
+        for off in range(0, length, _VERIFY_PIECE):
+            n = min(_VERIFY_PIECE, length - off)
+            data = backend.read_bytes(fpath, pos + off, n)
+            if len(data) != n:
+                return False
+            h.update(data)
+    except FileNotFoundError as exc:
+        raise missing_file(backend, fpath, exc) from exc
+    return h.hexdigest() == digest
+
+
+_VERIFY_PIECE = 16 << 20
+
+
 def hf_files(backend: Backend, path: str) -> list[str]:
     """The safetensors files of an HF-style directory: those the index names, else
     ``model.safetensors``, else every ``*.safetensors`` at the top level."""
     idx = backend.join(path, INDEX_NAME)
     if backend.exists(idx):
         where = backend.url(idx)
+        raw = read_limited(backend, idx, MAX_INDEX_BYTES, "safetensors index")
         try:
-            weight_map = json.loads(backend.read_bytes(idx))["weight_map"]
+            weight_map = json.loads(raw)["weight_map"]
             files = sorted(set(weight_map.values()))
             for f in files:
                 backend.join(path, f)
@@ -443,7 +520,11 @@ def foreign_metadata(
             info = sharding.get(name) or {}
             off = info.get("offsets", info.get("saved_offsets")) if isinstance(info, dict) else None
             offsets = (
-                tuple(off) if isinstance(off, list) and len(off) == len(he.shape) else (0,) * len(he.shape)
+                tuple(off)
+                if isinstance(off, list)
+                and len(off) == len(he.shape)
+                and all(type(o) is int and 0 <= o < 1 << 62 for o in off)
+                else (0,) * len(he.shape)
             )
             if (fqn, offsets) in entries:
                 raise CorruptCheckpointError(f"{backend.url(path)}: tensor {fqn!r} is stored twice ({f})")
@@ -457,8 +538,12 @@ def foreign_metadata(
         if len(dtypes) != 1:
             raise CorruptCheckpointError(f"{backend.url(path)}: chunks of {fqn!r} have different dtypes")
         ndim = len(parts[0][1])
+        if any(len(s) != ndim for _, s, _ in parts):
+            raise CorruptCheckpointError(f"{backend.url(path)}: chunks of {fqn!r} have different ranks")
         size = tuple(max(o[d] + s[d] for o, s, _ in parts) for d in range(ndim))
-        if sum(math.prod(s) for _, s, _ in parts) != math.prod(size):
+        if sum(math.prod(s) for _, s, _ in parts) != math.prod(size) or tiling_problem(
+            size, [(o, s) for o, s, _ in parts]
+        ):
             raise CorruptCheckpointError(f"{backend.url(path)}: the chunks of {fqn!r} do not tile the tensor")
         sdm[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=dtypes.pop()),
@@ -496,10 +581,11 @@ class SafetensorsFormat(Format):
         self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
     ) -> SafetensorsReader:
         if manifest is not None:
-            md, chunks = manifest_metadata(manifest, backend.url(path))
-        else:
-            prefix = _foreign_prefix(backend, path, options)
-            md, chunks = foreign_metadata(backend, path, options.get("key_mapping"), prefix)
+            verify = bool(options.get("verify", True))
+            md, chunks = manifest_metadata(manifest, backend.url(path), require_checksums=verify)
+            return SafetensorsReader(backend, path, md, chunks, manifest.files, **options)
+        prefix = _foreign_prefix(backend, path, options)
+        md, chunks = foreign_metadata(backend, path, options.get("key_mapping"), prefix)
         return SafetensorsReader(backend, path, md, chunks, **options)
 
     def detect(self, backend: Backend, path: str) -> bool:
@@ -514,18 +600,12 @@ class SafetensorsFormat(Format):
 
     def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
         where = backend.url(path)
-        _, entries = manifest_metadata(manifest, where)
+        md, entries = manifest_metadata(manifest, where)
+        FileSizeChecker(backend, path, manifest.files).check(manifest.files)
         headers = {}
-        for name, info in manifest.files.items():
-            fpath = backend.join(path, name)
-            actual = backend.size(fpath)
-            if actual != info["size"]:
-                raise CorruptCheckpointError(
-                    f"{backend.url(fpath)} has {actual} bytes, the manifest says {info['size']}",
-                    path=backend.url(fpath),
-                )
+        for name in manifest.files:
             if name.endswith(".safetensors"):
-                headers[name] = read_header(backend, fpath)
+                headers[name] = read_header(backend, backend.join(path, name))
         names = manifest.format_metadata.get("names", {})
         checked = 0
         for e in sorted(entries.values(), key=lambda e: (e.file, e.pos)):
@@ -537,8 +617,7 @@ class SafetensorsFormat(Format):
                         f"{backend.url(fpath)}: header does not match the manifest for {e.fqn!r}",
                         path=backend.url(fpath),
                     )
-            data = backend.read_bytes(fpath, e.pos, e.length)
-            if len(data) != e.length or (e.xxh3 is not None and xxhash.xxh3_64_hexdigest(data) != e.xxh3):
+            if not _hash_range(backend, fpath, e.pos, e.length, e.xxh3):
                 raise CorruptCheckpointError(
                     f"checksum mismatch in {backend.url(fpath)} (tensor {e.fqn!r}): the file is damaged",
                     path=backend.url(fpath),
@@ -550,7 +629,7 @@ class SafetensorsFormat(Format):
         if manifest is None:
             md, entries = foreign_metadata(backend, path)
         else:
-            md, entries = manifest_metadata(manifest, backend.url(path))
+            md, entries = manifest_metadata(manifest, backend.url(path), require_checksums=False)
         return tensor_entries(md, entries.values())
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +22,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from ..backend import Backend
+from ..errors import CorruptCheckpointError
 from ..manifest import Manifest
 from ..serialization import dtype_name
 
@@ -49,12 +52,84 @@ def tensor_entries(metadata: Metadata, entries: Iterable[Any]) -> list[TensorEnt
             shape = list(m.size)
             out.append(
                 TensorEntry(
-                    e.fqn, dtype_name(m.properties.dtype), shape, e.length, e.file, list(e.offsets or ())
+                    e.fqn,
+                    dtype_name(m.properties.dtype, e.fqn),
+                    shape,
+                    e.length,
+                    e.file,
+                    list(e.offsets or ()),
                 )
             )
         else:
             out.append(TensorEntry(e.fqn, "json", [], e.length, e.file))
     return out
+
+
+def missing_file(backend: Backend, fpath: str, exc: BaseException | None = None) -> CorruptCheckpointError:
+    """The error for a data file a committed manifest lists but the store does not have.
+
+    It is corruption, never :class:`~ckptio.errors.CheckpointNotFoundError`: that one is a
+    ``FileNotFoundError``, which a "start fresh when there is no checkpoint" handler would swallow.
+    """
+    url = backend.url(fpath)
+    err = CorruptCheckpointError(
+        f"{url} is missing: the committed checkpoint lists it, so its data was lost or deleted", path=url
+    )
+    err.__cause__ = exc
+    return err
+
+
+def is_first_rank() -> bool:
+    """Rank 0 of the default group, or a process without ``torch.distributed``."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class FileSizeChecker:
+    """Compares the sizes a manifest declares with the real files, once per file, before any read.
+
+    Every byte range a reader uses was checked to lie inside its file's *declared* size; this makes
+    the declared sizes true, so a manifest cannot describe more data than the files hold (a
+    2**40-element tensor needs 2**40 elements of real files before anything is allocated for it).
+    A listed file that does not exist is corruption (:func:`missing_file`). Sizes are fetched on
+    up to ``threads`` threads (one ``HEAD`` each on object stores).
+    """
+
+    def __init__(
+        self, backend: Backend, path: str, files: Mapping[str, Mapping[str, Any]], threads: int = 8
+    ) -> None:
+        self.backend = backend
+        self.path = path
+        self.files = files
+        self.threads = max(1, threads)
+        self._done: set[str] = set()
+        self._lock = threading.Lock()
+
+    def check(self, names: Iterable[str]) -> None:
+        with self._lock:
+            todo = sorted(set(names) - self._done)
+        if not todo:
+            return
+        if len(todo) == 1 or self.threads == 1:
+            for name in todo:
+                self._check_one(name)
+        else:
+            with ThreadPoolExecutor(min(self.threads, len(todo)), thread_name_prefix="ckptio-size") as pool:
+                list(pool.map(self._check_one, todo))
+        with self._lock:
+            self._done.update(todo)
+
+    def _check_one(self, name: str) -> None:
+        fpath = self.backend.join(self.path, name)
+        try:
+            actual = self.backend.size(fpath)
+        except FileNotFoundError as exc:  # CheckpointNotFoundError is one
+            raise missing_file(self.backend, fpath, exc) from exc
+        declared = self.files[name]["size"]
+        if actual != declared:
+            url = self.backend.url(fpath)
+            raise CorruptCheckpointError(f"{url} has {actual} bytes, the manifest says {declared}", path=url)
 
 
 class FormatWriter(StorageWriter):
@@ -171,7 +246,8 @@ class Format(abc.ABC):
     def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
         """Re-read every stored byte and check it; return the bytes checked.
 
-        Raises :class:`~ckptio.errors.CorruptCheckpointError` naming the damaged file.
+        Raises :class:`~ckptio.errors.CorruptCheckpointError` naming the damaged file. A chunk or
+        value without a checksum, or a listed file that is missing, is damage too.
         """
         raise NotImplementedError(f"format {self.name!r} cannot verify checkpoints")
 

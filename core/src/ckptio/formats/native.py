@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import operator
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,11 +48,20 @@ from .._buffers import as_cpu_contiguous, tensor_memoryview
 from ..backend import Backend
 from ..errors import CorruptCheckpointError, InvalidURLError, UnsafeCheckpointError
 from ..hookspecs import hookimpl
-from ..manifest import Manifest
+from ..manifest import MAX_ENTRIES, Manifest, no_gc
 from ..progress import Progress
 from ..serialization import MAX_BYTES, dtype_name, parse_dtype
 from ..url import join_path
-from .base import Format, FormatReader, FormatWriter, TensorEntry, tensor_entries
+from .base import (
+    FileSizeChecker,
+    Format,
+    FormatReader,
+    FormatWriter,
+    TensorEntry,
+    is_first_rank,
+    missing_file,
+    tensor_entries,
+)
 
 DEFAULT_WRITE_THREADS = 2
 DEFAULT_READ_THREADS = 4
@@ -59,9 +69,15 @@ DEFAULT_READ_THREADS = 4
 #: each hashed while it is still in the CPU cache.
 BLOCK = 16 << 20
 _MAX_DIM = 1 << 62
+_INT = {int}
+_STR = {str}
+#: Bounds on what a manifest may describe (see :func:`metadata_from_json`).
+MAX_NDIM = 64
+MAX_PATH_DEPTH = 64
+MAX_PATH_INDEX = 1 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: its __init__ would cost ~1 us per chunk (32k-chunk tensors)
 class _Entry:
     fqn: str
     offsets: tuple[int, ...] | None  # chunk offsets (None for byte items)
@@ -83,11 +99,11 @@ def _hash(buf: memoryview | bytes) -> str:
 def _parse_hashes(value: Any, length: int, where: str, fqn: str) -> tuple[str, ...] | None:
     if value is None:
         return None
-    hashes = (value,) if isinstance(value, str) else value
+    hashes = (value,) if type(value) is str else value
     if (
-        not isinstance(hashes, (list, tuple))
-        or not all(isinstance(h, str) for h in hashes)
+        type(hashes) not in (list, tuple)
         or len(hashes) != max(1, -(-length // BLOCK))
+        or set(map(type, hashes)) != _STR
     ):
         raise CorruptCheckpointError(f"{where}: bad checksum list for {fqn!r}")
     return tuple(hashes)
@@ -193,7 +209,7 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
     for fqn, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
             tensors[fqn] = {
-                "dtype": dtype_name(m.properties.dtype),
+                "dtype": dtype_name(m.properties.dtype, fqn),
                 "size": list(m.size),
                 "chunks": [[list(c.offsets), list(c.sizes)] for c in m.chunks],
             }
@@ -206,33 +222,59 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
 
 
 def _int_list(x: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(x, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in x):
-        raise CorruptCheckpointError(f"{where}: expected a list of integers")
-    if any(i < 0 or i > _MAX_DIM for i in x):
-        raise CorruptCheckpointError(f"{where}: negative or absurd size in {x}")
+    # map/min/max run in C: this is called three times per chunk (32k-chunk tensors exist)
+    if (
+        type(x) is not list
+        or len(x) > MAX_NDIM
+        or (x and (set(map(type, x)) != _INT or min(x) < 0 or max(x) > _MAX_DIM))
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: expected at most {MAX_NDIM} integers in [0, 2**62], got {x!r:.200}"
+        )
     return tuple(x)
 
 
 def metadata_from_json(
-    fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str
+    fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str, *, require_checksums: bool = True
 ) -> tuple[Metadata, dict]:
     """Rebuild DCP ``Metadata`` and the chunk table, checking every number against the files.
 
-    The checks below name what they reject; anything a hostile manifest slips past them with the
-    wrong JSON type (a list where a name belongs...) still ends as a :class:`CorruptCheckpointError`.
+    What is checked, in time linear in the size of the metadata (up to a sort):
+
+    * every tensor has a known dtype, at most :data:`MAX_NDIM` dims and at most 2**62 bytes;
+    * its chunks lie inside it and tile it exactly (no overlap, no gap), for any number of chunks;
+    * every chunk and value has exactly one storage entry whose length matches its shape and
+      dtype, inside a file the manifest lists (names cannot leave the checkpoint), with its
+      checksums (unless ``require_checksums`` is false: ``verify=False`` loads, ``inspect``);
+    * ``planner_data`` paths are what DCP writes: for each key, a short list of names and small
+      list indices that joined with dots give the key, consistent with each other.
+
+    Declared file sizes are compared with the real files by the readers
+    (:class:`~ckptio.formats.base.FileSizeChecker`), before anything is read.
+    Anything a hostile manifest slips past these checks with the wrong JSON type still ends as a
+    :class:`CorruptCheckpointError`.
     """
     try:
-        return _metadata_from_json(fm, files, where)
+        with no_gc():
+            return _metadata_from_json(fm, files, where, require_checksums)
     except CorruptCheckpointError:
         raise
-    except (TypeError, KeyError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+    except (
+        TypeError,
+        KeyError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise CorruptCheckpointError(
             f"{where}: native metadata is malformed ({type(exc).__name__}: {exc})"
         ) from exc
 
 
 def _metadata_from_json(
-    fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str
+    fm: dict[str, Any], files: dict[str, dict[str, Any]], where: str, require_checksums: bool
 ) -> tuple[Metadata, dict]:
     try:
         dcp = fm["dcp"]
@@ -242,109 +284,278 @@ def _metadata_from_json(
             raise TypeError("state/storage")
     except (KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"{where}: native metadata is malformed ({exc})") from exc
+    if len(state) > MAX_ENTRIES or len(storage) > MAX_ENTRIES:
+        raise CorruptCheckpointError(f"{where}: more than {MAX_ENTRIES} entries, refusing")
     sdm: dict[str, Any] = {}
+    # per tensor: {chunk offsets: chunk sizes}, to match storage entries in O(1)
+    chunk_sizes: dict[str, dict[tuple[int, ...], tuple[int, ...]]] = {}
+    n_chunks = n_values = 0
+    value = BytesStorageMetadata()  # field-less: one instance serves every value
     for fqn, t in state.items():
         if t is None:
-            sdm[fqn] = BytesStorageMetadata()
+            sdm[fqn] = value
+            n_values += 1
             continue
-        if not isinstance(t, dict) or not isinstance(t.get("chunks"), list):
+        if not isinstance(t, dict) or type(t.get("chunks")) is not list:
             raise CorruptCheckpointError(f"{where}: bad entry for tensor {fqn!r}")
         dtype = parse_dtype(t.get("dtype", "?"))
         size = _int_list(t.get("size"), f"{where}: {fqn} size")
+        ndim = len(size)
+        total = math.prod(size)
+        if total * dtype.itemsize > _MAX_DIM:
+            raise CorruptCheckpointError(f"{where}: tensor {fqn!r}{list(size)} is absurdly large")
+        n_chunks += len(t["chunks"])
+        if n_chunks > MAX_ENTRIES:
+            raise CorruptCheckpointError(f"{where}: more than {MAX_ENTRIES} chunks, refusing")
+        boxes: dict[tuple[int, ...], tuple[int, ...]] = {}
         chunks = []
         covered = 0
         for c in t["chunks"]:
-            if not isinstance(c, list) or len(c) != 2:
+            if type(c) is not list or len(c) != 2:
                 raise CorruptCheckpointError(f"{where}: bad chunk for {fqn!r}")
             off, sz = _int_list(c[0], f"{where}: {fqn} offsets"), _int_list(c[1], f"{where}: {fqn} sizes")
             if (
-                len(off) != len(size)
-                or len(sz) != len(size)
-                or any(o + s > d for o, s, d in zip(off, sz, size))
+                len(off) != ndim
+                or len(sz) != ndim
+                or not all(map(operator.le, map(operator.add, off, sz), size))
             ):
                 raise CorruptCheckpointError(
                     f"{where}: chunk {list(off)}+{list(sz)} is out of range for {fqn!r}{list(size)}"
                 )
+            if off in boxes:
+                raise CorruptCheckpointError(f"{where}: two chunks of {fqn!r} start at {list(off)}")
+            boxes[off] = sz
             covered += math.prod(sz)
             chunks.append(ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(sz)))
-        if covered != math.prod(size) or _overlap(chunks):
-            raise CorruptCheckpointError(f"{where}: chunks of {fqn!r} overlap or do not cover the tensor")
+        if covered != total:
+            raise CorruptCheckpointError(
+                f"{where}: chunks of {fqn!r} hold {covered} elements, the tensor has {total} "
+                "(they overlap or leave a gap)"
+            )
+        problem = tiling_problem(size, boxes.items()) if total else None
+        if problem:
+            raise CorruptCheckpointError(f"{where}: chunks of {fqn!r} {problem}")
+        chunk_sizes[fqn] = boxes
         sdm[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=dtype), size=torch.Size(size), chunks=chunks
         )
     entries: dict[tuple[str, tuple[int, ...] | None], _Entry] = {}
+    good_files: dict[str, int] = {}  # name -> declared size, for names already checked
     for s in storage:
         try:
-            fqn, file, pos, length = s["fqn"], s["file"], s["pos"], s["length"]
-            offsets = tuple(s["offsets"]) if s["offsets"] is not None else None
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pos, length)):
-                raise TypeError("pos/length")
-            join_path("/x", file)
-        except InvalidURLError as exc:
-            raise UnsafeCheckpointError(
-                f"{where}: file name {file!r} escapes the checkpoint", path=where
-            ) from exc
+            fqn, file, pos, length, off_json = s["fqn"], s["file"], s["pos"], s["length"], s["offsets"]
+            if type(pos) is not int or type(length) is not int or type(fqn) is not str:
+                raise TypeError("fqn/pos/length")
+            offsets = None if off_json is None else _int_list(off_json, f"{where}: {fqn} offsets")
+        except CorruptCheckpointError:
+            raise
         except Exception as exc:
-            raise CorruptCheckpointError(f"{where}: malformed storage entry ({exc})") from exc
+            raise CorruptCheckpointError(f"{where}: malformed storage entry ({exc!r:.200})") from exc
+        fsize = good_files.get(file)
+        if fsize is None:
+            fsize = _declared_file(file, files, where)
+            good_files[file] = fsize
         m = sdm.get(fqn)
-        finfo = files.get(file)
-        if m is None or finfo is None:
+        if m is None:
+            raise CorruptCheckpointError(f"{where}: storage entry for unknown tensor {fqn!r}")
+        if pos < 0 or length < 0 or pos + length > fsize:
+            raise CorruptCheckpointError(f"{where}: {fqn!r} lies outside {file!r} ({pos}+{length} > {fsize})")
+        key = (fqn, offsets)
+        if key in entries:
+            raise CorruptCheckpointError(f"{where}: {fqn!r} at {offsets} is stored twice")
+        h = s.get("xxh3")
+        if type(h) is list and len(h) == 1 and type(h[0]) is str and length <= BLOCK:  # the usual case
+            hashes: tuple[str, ...] | None = (h[0],)
+        else:
+            hashes = _parse_hashes(h, length, where, fqn)
+        if hashes is None and require_checksums:
             raise CorruptCheckpointError(
-                f"{where}: storage entry for unknown tensor or file ({fqn!r}, {file!r})"
+                f"{where}: {fqn!r} has no checksum; a committed checkpoint always has them "
+                "(load with verify=False to read it unchecked)"
             )
-        if pos < 0 or length < 0 or pos + length > finfo["size"]:
-            raise CorruptCheckpointError(
-                f"{where}: {fqn!r} lies outside {file!r} ({pos}+{length} > {finfo['size']})"
-            )
-        if isinstance(m, TensorStorageMetadata):
-            chunk = next((c for c in m.chunks if tuple(c.offsets) == offsets), None)
-            if chunk is None or length != math.prod(chunk.sizes) * m.properties.dtype.itemsize:
+        if m is value:
+            if offsets is not None:
+                raise CorruptCheckpointError(f"{where}: value {fqn!r} has chunk offsets")
+            if length > MAX_BYTES:
+                raise CorruptCheckpointError(f"{where}: value {fqn!r} is {length} bytes, refusing")
+            entries[key] = _Entry(fqn, None, None, None, file, pos, length, hashes)
+        else:
+            sizes = chunk_sizes[fqn].get(offsets) if offsets is not None else None
+            if sizes is None:
+                raise CorruptCheckpointError(f"{where}: {fqn!r} has no chunk at {offsets}")
+            if length != math.prod(sizes) * m.properties.dtype.itemsize:
                 raise CorruptCheckpointError(
                     f"{where}: stored length of {fqn!r} does not match its shape and dtype"
                 )
-            entry = _Entry(
-                fqn,
-                offsets,
-                tuple(chunk.sizes),
-                m.properties.dtype,
-                file,
-                pos,
-                length,
-                _parse_hashes(s.get("xxh3"), length, where, fqn),
+            entries[key] = _Entry(fqn, offsets, sizes, m.properties.dtype, file, pos, length, hashes)
+    # every entry matched a distinct chunk or value: equal counts mean each one has its data
+    if len(entries) != n_chunks + n_values:
+        for fqn, m in sdm.items():
+            keys = (
+                [(fqn, off) for off in chunk_sizes[fqn]]
+                if isinstance(m, TensorStorageMetadata)
+                else [(fqn, None)]
             )
-        else:
-            if length > MAX_BYTES:
-                raise CorruptCheckpointError(f"{where}: value {fqn!r} is {length} bytes, refusing")
-            entry = _Entry(
-                fqn, None, None, None, file, pos, length, _parse_hashes(s.get("xxh3"), length, where, fqn)
-            )
-        entries[(fqn, offsets)] = entry
-    for fqn, m in sdm.items():
-        keys = (
-            [(fqn, tuple(c.offsets)) for c in m.chunks]
-            if isinstance(m, TensorStorageMetadata)
-            else [(fqn, None)]
-        )
-        if any(k not in entries for k in keys):
-            raise CorruptCheckpointError(f"{where}: no stored data for {fqn!r}")
-    pd = dcp.get("planner_data")
-    planner_data = {k: tuple(v) for k, v in pd.items()} if isinstance(pd, dict) else None
+            if any(k not in entries for k in keys):
+                raise CorruptCheckpointError(f"{where}: no stored data for {fqn!r}")
+    planner_data = _planner_data(dcp.get("planner_data"), where)
     md = Metadata(state_dict_metadata=sdm, planner_data=planner_data, storage_data=entries)
     return md, entries
 
 
-def _overlap(chunks: list[ChunkStorageMetadata]) -> bool:
-    if len(chunks) > 256:  # the coverage sum already catches gaps; pairwise is quadratic
+def _declared_file(name: Any, files: dict[str, dict[str, Any]], where: str) -> int:
+    """The declared size of data file ``name``, which must be a listed, safe relative name."""
+    if not isinstance(name, str):
+        raise CorruptCheckpointError(f"{where}: malformed file name {name!r:.100}")
+    try:
+        join_path("/x", name)
+    except InvalidURLError as exc:
+        raise UnsafeCheckpointError(
+            f"{where}: file name {name!r} escapes the checkpoint", path=where
+        ) from exc
+    info = files.get(name)
+    size = info.get("size") if isinstance(info, dict) else None
+    if info is None:
+        raise CorruptCheckpointError(f"{where}: storage entry in unlisted file {name!r}")
+    if type(size) is not int or size < 0:
+        raise CorruptCheckpointError(f"{where}: bad size for {name!r}")
+    return size
+
+
+def _planner_data(pd: Any, where: str) -> dict[str, tuple[str | int, ...]] | None:
+    """Check DCP's ``planner_data`` (flattened key -> object path) and return it as tuples.
+
+    Each path is what DCP's ``flatten_state_dict`` writes: a non-empty list of at most
+    :data:`MAX_PATH_DEPTH` dict keys (str, the first always) and list indices (int below
+    :data:`MAX_PATH_INDEX`) whose dotted join is the key. The paths must also describe one
+    consistent tree (no list that is also a dict, no value that is also a container), and the
+    lists they imply hold at most a few slots per value, so that rebuilding the nested state
+    (``set_element``, as ``ckptio cp --full`` does) allocates in proportion to the manifest.
+    """
+    if pd is None:
+        return None
+    if not isinstance(pd, dict) or len(pd) > MAX_ENTRIES:
+        raise CorruptCheckpointError(f"{where}: planner_data is malformed")
+    out: dict[str, tuple[str | int, ...]] = {}
+    # A trie of the paths: (container node, component) -> child container node, or _LEAF. Each
+    # container is a dict or a list (the type of its components), fixed when it is created.
+    children: dict[tuple[int, str | int], int] = {}
+    is_list: list[bool] = [False]  # node 0, the state itself, is a dict
+    list_len: dict[int, int] = {}
+    slots = 0
+    for key, path in pd.items():
+        if type(path) is not list or not path or len(path) > MAX_PATH_DEPTH or type(path[0]) is not str:
+            raise CorruptCheckpointError(
+                f"{where}: planner_data path for {key!r:.100} is malformed: {path!r:.200}"
+            )
+        if set(map(type, path)) == _STR:  # the usual case, names only
+            ok = ".".join(path) == key
+        else:
+            ok = all(type(p) is str or (type(p) is int and 0 <= p < MAX_PATH_INDEX) for p in path) and (
+                ".".join(map(str, path)) == key
+            )
+        if not ok:
+            raise CorruptCheckpointError(
+                f"{where}: planner_data path for {key!r:.100} is not a valid object path: {path!r:.200}"
+            )
+        node = 0
+        last = len(path) - 1
+        for i, comp in enumerate(path):
+            if type(comp) is int:
+                n = list_len.get(node, 0)
+                if comp >= n:
+                    slots += comp + 1 - n
+                    list_len[node] = comp + 1
+            child = children.get((node, comp))
+            if i == last:
+                if child is not None:  # a value twice, or a value that is also a container
+                    raise CorruptCheckpointError(f"{where}: planner_data paths conflict at {key!r:.100}")
+                children[(node, comp)] = _LEAF
+                break
+            nxt_list = type(path[i + 1]) is int
+            if child is None:
+                child = len(is_list)
+                children[(node, comp)] = child
+                is_list.append(nxt_list)
+            elif child == _LEAF or is_list[child] != nxt_list:
+                raise CorruptCheckpointError(f"{where}: planner_data paths conflict at {key!r:.100}")
+            node = child
+        out[key] = tuple(path)
+    if slots > 4 * len(pd) + 1024:
+        raise CorruptCheckpointError(
+            f"{where}: planner_data implies lists of {slots} slots for {len(pd)} values, refusing"
+        )
+    return out
+
+
+_LEAF = -1
+
+
+class _TooIrregular(Exception):
+    pass
+
+
+def tiling_problem(
+    size: tuple[int, ...], boxes: Iterable[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> str | None:
+    """Why the ``(offsets, sizes)`` boxes do not tile a tensor of ``size`` exactly; ``None`` if they do.
+
+    The boxes must already lie inside the tensor. Empty boxes are ignored. The check sweeps the
+    first dimension: between two consecutive box edges the set of boxes crossing that slab is
+    fixed, and must tile the slab's cross-section, checked the same way one dimension down; in
+    the last dimension the crossing intervals, sorted, must follow each other from 0 to the end.
+    A grid of chunks (what DCP writes for any placement) costs O(n log n) for n chunks. A layout
+    so irregular that sweeping it would cost more than ``n * (4 * ndim + 64)`` box visits, with
+    each dimension swept first in turn, is refused rather than checked slowly (DCP never
+    writes one: all chunks of a tensor come from one placement on one device mesh).
+    """
+    nonempty = [(o, s) for o, s in boxes if all(s)]
+    if not size:
+        return None if len(nonempty) == 1 else "do not hold the scalar exactly once"
+    if not nonempty or not math.prod(size):
+        return None if not nonempty and not math.prod(size) else "overlap or leave a gap"
+    for first in range(len(size)):  # the first dimension to sweep; each try has its own budget
+        order = [first] + [d for d in range(len(size)) if d != first]
+        permuted = [(tuple(o[d] for d in order), tuple(s[d] for d in order)) for o, s in nonempty]
+        budget = [len(nonempty) * (4 * len(size) + 64) + 16]
+        try:
+            ok = _tiles(permuted, tuple(size[d] for d in order), 0, budget)
+        except _TooIrregular:
+            continue
+        return None if ok else "overlap or leave a gap"
+    return "are laid out too irregularly to check; refusing"
+
+
+def _tiles(
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], size: tuple[int, ...], d: int, budget: list[int]
+) -> bool:
+    budget[0] -= len(boxes)
+    if budget[0] < 0:
+        raise _TooIrregular
+    if d == len(size) - 1:
+        pos = 0
+        for start, length in sorted((o[d], s[d]) for o, s in boxes):
+            if start != pos:
+                return False
+            pos += length
+        return pos == size[d]
+    starts: dict[int, list[int]] = {}
+    ends: dict[int, list[int]] = {}
+    for i, (o, s) in enumerate(boxes):
+        starts.setdefault(o[d], []).append(i)
+        ends.setdefault(o[d] + s[d], []).append(i)
+    edges = sorted(starts.keys() | ends.keys())
+    if edges[0] != 0 or edges[-1] != size[d]:
         return False
-    for i, a in enumerate(chunks):
-        for b in chunks[i + 1 :]:
-            if all(
-                ao < bo + bs and bo < ao + as_
-                for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)
-            ):
-                if all(s > 0 for s in a.sizes) and all(s > 0 for s in b.sizes):
-                    return True
-    return False
+    active: dict[int, None] = {}
+    for edge in edges[:-1]:
+        for i in ends.get(edge, ()):
+            del active[i]
+        for i in starts.get(edge, ()):
+            active[i] = None
+        if not active or not _tiles([boxes[i] for i in active], size, d + 1, budget):
+            return False
+    return True
 
 
 # -- reader --------------------------------------------------------------------------------
@@ -359,22 +570,31 @@ class NativeReader(FormatReader):
         self.verify = bool(options.get("verify", True))
         self.thread_count = max(1, int(options.get("thread_count", DEFAULT_READ_THREADS)))
         where = backend.url(path)
-        self.metadata, self.entries = metadata_from_json(manifest.format_metadata, manifest.files, where)
+        self.metadata, self.entries = metadata_from_json(
+            manifest.format_metadata, manifest.files, where, require_checksums=self.verify
+        )
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._progress = _progress_enabled(options)
         self._bar = Progress(0, "", enable=False)
+        # Declared sizes are made true before anything sized from the metadata is allocated (by
+        # one rank for all files; every rank checks the files it reads in ``read_data``).
+        # Not in ``read_metadata``: DCP turns any error raised there into an AssertionError.
+        self._sizes = FileSizeChecker(backend, path, manifest.files, threads=4 * self.thread_count)
+        if is_first_rank():
+            self._sizes.check(e.file for e in self.entries.values())
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
         """Read every item; chunks that land whole in a contiguous destination are read straight
         into it, block by block in parallel (each block hashed while hot in cache); the rest
         (resharding, dtype or device changes) go through one temporary per chunk."""
         direct: list[tuple[ReadItem, torch.Tensor]] = []
-        tasks: list[Any] = []
-        for req in sorted(plan.items, key=lambda r: (self._entry(r).file, self._entry(r).pos)):
-            e = self._entry(req)
+        tasks: list[tuple[int, Any]] = []  # (bytes, (function, *args))
+        todo = sorted(((self._entry(r), r) for r in plan.items), key=lambda er: (er[0].file, er[0].pos))
+        self._sizes.check(e.file for e, _ in todo)
+        for e, req in todo:
             if req.type == LoadItemType.BYTE_IO:
-                tasks.append((self._read_bytes_item, req, e, planner))
+                tasks.append((e.length, (self._read_bytes_item, req, e, planner)))
                 continue
             assert e.sizes is not None and e.dtype is not None
             dst = planner.resolve_tensor(req)
@@ -382,18 +602,19 @@ class NativeReader(FormatReader):
             if whole and dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == e.dtype:
                 direct.append((req, dst))
                 view = tensor_memoryview(dst)
-                tasks.extend((self._read_block, e, view, k) for k in e.blocks())
+                tasks.extend((min(BLOCK, e.length), (self._read_block, e, view, k)) for k in e.blocks())
             else:
-                tasks.append((self._read_resharded, req, e, dst, planner))
+                tasks.append((e.length, (self._read_resharded, req, e, dst, planner)))
             self.bytes_read += e.length
         self._bar = Progress(self.bytes_read, "ckptio load", enable=self._progress, delay=2.0)
         try:
-            if self.thread_count == 1 or len(tasks) <= 1:
-                for fn, *args in tasks:
-                    fn(*args)
+            batches = _batches(tasks)
+            if self.thread_count == 1 or len(batches) <= 1:
+                for batch in batches:
+                    _run(batch)
             else:
                 with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-read") as pool:
-                    for f in [pool.submit(fn, *args) for fn, *args in tasks]:
+                    for f in [pool.submit(_run, batch) for batch in batches]:
                         f.result()
         finally:
             self._bar.close()
@@ -410,7 +631,10 @@ class NativeReader(FormatReader):
     def _read_block(self, e: _Entry, view: memoryview, k: int) -> None:
         piece = view[k * BLOCK : (k + 1) * BLOCK]
         fpath = self.backend.join(self.path, e.file)
-        self.backend.read_into(fpath, e.pos + k * BLOCK, piece)
+        try:
+            self.backend.read_into(fpath, e.pos + k * BLOCK, piece)
+        except FileNotFoundError as exc:  # deleted since its size was checked
+            raise missing_file(self.backend, fpath, exc) from exc
         self._bar.update(len(piece))
         if self.verify and e.xxh3 is not None and _hash(piece) != e.xxh3[k]:
             url = self.backend.url(fpath)
@@ -420,7 +644,10 @@ class NativeReader(FormatReader):
 
     def _read_bytes_item(self, req: ReadItem, e: _Entry, planner: LoadPlanner) -> None:
         fpath = self.backend.join(self.path, e.file)
-        data = self.backend.read_bytes(fpath, e.pos, e.length)
+        try:
+            data = self.backend.read_bytes(fpath, e.pos, e.length)
+        except FileNotFoundError as exc:
+            raise missing_file(self.backend, fpath, exc) from exc
         if len(data) != e.length:
             raise CorruptCheckpointError(
                 f"{self.backend.url(fpath)} is truncated", path=self.backend.url(fpath)
@@ -471,39 +698,109 @@ class NativeFormat(Format):
     def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
         where = backend.url(path)
         _, entries = metadata_from_json(manifest.format_metadata, manifest.files, where)
-        for name, info in manifest.files.items():
-            if name.endswith(".bin"):
-                actual = backend.size(backend.join(path, name))
-                if actual != info["size"]:
-                    raise CorruptCheckpointError(
-                        f"{backend.url(backend.join(path, name))} has {actual} bytes, manifest says {info['size']}",
-                        path=backend.url(backend.join(path, name)),
-                    )
+        with no_gc():  # CPU-bound bookkeeping of possibly a million entries
+            ordered = _sorted_entries(entries.values())
+            runs = list(_read_runs(ordered))
+        FileSizeChecker(backend, path, manifest.files).check(
+            [e.file for e in ordered] + [n for n in manifest.files if n.endswith(".bin")]
+        )
         checked = 0
-        for e in _sorted_entries(entries.values()):
-            fpath = backend.join(path, e.file)
-            ok = True
-            for k in e.blocks():
-                length = min(BLOCK, e.length - k * BLOCK)
-                data = backend.read_bytes(fpath, e.pos + k * BLOCK, length)
-                ok = ok and len(data) == length and (e.xxh3 is None or _hash(data) == e.xxh3[k])
-            if not ok:
-                raise CorruptCheckpointError(
-                    f"checksum mismatch in {backend.url(fpath)} (tensor {e.fqn!r}): the file is damaged",
-                    path=backend.url(fpath),
-                )
-            checked += e.length
+        for run in runs:
+            fpath = backend.join(path, run[0].file)
+            if len(run) == 1 and run[0].length > BLOCK:  # a big chunk: block by block
+                e = run[0]
+                for k in e.blocks():
+                    n = min(BLOCK, e.length - k * BLOCK)
+                    data = _read_span(backend, fpath, e.pos + k * BLOCK, n)
+                    assert e.xxh3 is not None  # verify requires checksums
+                    if _hash(data) != e.xxh3[k]:
+                        raise _mismatch(backend, fpath, e)
+            else:  # small chunks back to back (each one block): one read for all
+                start = run[0].pos
+                data = _read_span(backend, fpath, start, run[-1].pos + run[-1].length - start)
+                for e in run:
+                    lo = e.pos - start
+                    assert e.xxh3 is not None
+                    if _hash(data[lo : lo + e.length]) != e.xxh3[0]:
+                        raise _mismatch(backend, fpath, e)
+            checked += sum(e.length for e in run)
         return checked
 
     def tensors(self, backend: Backend, path: str, manifest: Manifest | None) -> list[TensorEntry]:
         if manifest is None:
             return []
-        md, entries = metadata_from_json(manifest.format_metadata, manifest.files, backend.url(path))
+        md, entries = metadata_from_json(
+            manifest.format_metadata, manifest.files, backend.url(path), require_checksums=False
+        )
         return tensor_entries(md, entries.values())
+
+
+def _batches(tasks: list[tuple[int, Any]], limit: int = 1 << 20, count: int = 256) -> list[list[Any]]:
+    """Group consecutive small read tasks (up to ``limit`` bytes or ``count`` tasks) so that a
+    tensor of many small chunks is not one thread-pool submission per chunk; big blocks stay
+    alone, so they are still read in parallel."""
+    out: list[list[Any]] = []
+    cur: list[Any] = []
+    size = 0
+    for n, task in tasks:
+        if cur and (size + n > limit or len(cur) >= count):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(task)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _run(batch: list[Any]) -> None:
+    for fn, *args in batch:
+        fn(*args)
 
 
 def _sorted_entries(entries: Iterable[_Entry]) -> list[_Entry]:
     return sorted(entries, key=lambda e: (e.file, e.pos))
+
+
+def _read_span(backend: Backend, fpath: str, start: int, n: int) -> memoryview:
+    """Exactly ``n`` bytes of ``fpath`` at ``start``; a short read is damage."""
+    try:
+        data = memoryview(backend.read_bytes(fpath, start, n)) if n else memoryview(b"")
+    except FileNotFoundError as exc:
+        raise missing_file(backend, fpath, exc) from exc
+    if len(data) != n:
+        url = backend.url(fpath)
+        raise CorruptCheckpointError(
+            f"{url} is truncated: wanted {n} bytes at offset {start}, got {len(data)}", path=url
+        )
+    return data
+
+
+def _mismatch(backend: Backend, fpath: str, e: _Entry) -> CorruptCheckpointError:
+    url = backend.url(fpath)
+    return CorruptCheckpointError(
+        f"checksum mismatch in {url} (tensor {e.fqn!r}): the file is damaged", path=url
+    )
+
+
+def _read_runs(ordered: list[_Entry], limit: int = BLOCK) -> Iterable[list[_Entry]]:
+    """Group entries (sorted by file and position) into runs read with one request: back to
+    back in one file and together at most ``limit`` bytes; a larger entry is a run of its own."""
+    run: list[_Entry] = []
+    size = 0
+    for e in ordered:
+        if run and (
+            e.file != run[-1].file
+            or e.pos != run[-1].pos + run[-1].length
+            or size + e.length > limit
+            or e.length > limit
+        ):
+            yield run
+            run, size = [], 0
+        run.append(e)
+        size += e.length
+    if run:
+        yield run
 
 
 @hookimpl
@@ -511,4 +808,11 @@ def register_formats(register: Any) -> None:
     register("native", NativeFormat)
 
 
-__all__ = ["NativeFormat", "NativeReader", "NativeWriter", "metadata_from_json", "metadata_to_json"]
+__all__ = [
+    "NativeFormat",
+    "NativeReader",
+    "NativeWriter",
+    "metadata_from_json",
+    "metadata_to_json",
+    "tiling_problem",
+]
