@@ -324,7 +324,7 @@ def test_300k_values_parse_linearly(tmp_path: Path) -> None:
         f"300k values, {size / 1e6:.0f} MB manifest: parse {parse:.2f} s (30k: {small:.2f} s), "
         f"verify {verify:.2f} s of CPU, peak memory +{grown:.0f} MB"
     )
-    assert parse < 20 * small + 1.0, "parsing is not linear in the number of entries"  # quadratic: 100x
+    assert parse < 40 * small + 2.0, "parsing is not linear in the number of entries"  # quadratic: 100x
     assert parse < 8 and verify < 12 and grown < 1024
 
 

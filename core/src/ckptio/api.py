@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .addons import AddonSet, AddonSpecLike
+from .backend import read_limited
 from .checkpoint import LoadResult, SaveResult, load_checkpoint, open_backend, read_manifest, save_checkpoint
 from .errors import CheckpointNotFoundError
 from .manifest import Manifest
@@ -110,7 +111,7 @@ def verify(url: str, *, storage_options: dict[str, Any] | None = None) -> int:
             if digest is None:
                 continue
             p = backend.join(u.path, name)
-            data = backend.read_bytes(p)
+            data = read_limited(backend, p, int(info["size"]), "artifact")
             if len(data) != info["size"] or xxhash.xxh3_64_hexdigest(data) != digest:
                 raise CorruptCheckpointError(
                     f"checksum mismatch in {backend.url(p)}: the file is damaged", path=p

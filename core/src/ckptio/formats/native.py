@@ -8,7 +8,10 @@ Layout of a checkpoint directory::
 
 The metadata is DCP's ``Metadata`` in JSON (tensors: dtype, global size, chunks; per chunk: file,
 offset, length, xxh3-64 checksum). It is not a pickle, so loading a checkpoint cannot run code, and
-every number in it is checked before use. Because the bytes are raw, a load reads each chunk
+every number in it is checked before use (:func:`metadata_from_json`): chunks must tile their
+tensor exactly, byte ranges must lie in files whose real sizes match the manifest, every chunk
+must have its checksums (unless the caller loads with ``verify=False``), all in time linear in
+the size of the metadata. Because the bytes are raw, a load reads each chunk
 straight into the destination tensor (``preadv`` locally, ranged reads on object stores) with
 no intermediate ``torch.load``; resharding falls back to a bounded temporary per chunk.
 """
