@@ -115,6 +115,20 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
     return status_int, (str(code) if code else None)
 
 
+def conditional_outcome(exc: BaseException) -> str | None:
+    """How a conditional write (``If-None-Match: *``) was refused, anywhere in ``exc``'s chain:
+    ``"exists"`` for 412 PreconditionFailed (the object is there), ``"conflict"`` for 409
+    ConditionalRequestConflict (another conditional write of the key is in flight), else ``None``.
+    """
+    for e in _chain(exc):
+        status, code = _status_and_code(e)
+        if code == "PreconditionFailed" or status == 412:
+            return "exists"
+        if code == "ConditionalRequestConflict" or status == 409:
+            return "conflict"
+    return None
+
+
 def _classify_one(exc: BaseException) -> Kind | None:
     status, code = _status_and_code(exc)
     if code in AUTH_CODES or status in (401, 403):

@@ -40,14 +40,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from ckptio.backend import Backend
 from ckptio.errors import BackendNotFoundError, CheckpointError, CorruptCheckpointError
-from ckptio.retry import ErrorMapper, RetryPolicy, aretry_call, classify, retry_call
+from ckptio.retry import ErrorMapper, RetryPolicy, aretry_call, classify, conditional_outcome, retry_call
 from ckptio.url import URL
 
 T = TypeVar("T")
@@ -89,30 +89,6 @@ def _secrets(options: dict[str, Any]) -> list[str]:
             if "AccountKey=" in v:  # Azure connection strings
                 out += [p.split("=", 1)[1] for p in v.split(";") if p.startswith("AccountKey=")]
     return out
-
-
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        yield cur
-        cur = cur.__cause__ or cur.__context__
-
-
-def _conditional_outcome(exc: BaseException) -> str | None:
-    """``"exists"`` for 412 PreconditionFailed, ``"conflict"`` for 409 ConditionalRequestConflict."""
-    for e in _chain(exc):
-        response = getattr(e, "response", None)
-        if not isinstance(response, dict):
-            continue
-        code = str(response.get("Error", {}).get("Code") or "")
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "PreconditionFailed" or status == 412:
-            return "exists"
-        if code == "ConditionalRequestConflict" or status == 409:
-            return "conflict"
-    return None
 
 
 #: ``memory://`` lives in one process: a lock there makes check-then-write atomic
@@ -247,56 +223,6 @@ class FsspecBackend(Backend):
         """One PUT: object stores replace objects atomically, so readers see old or new."""
         fpath = self.fspath(path)
         self.call("write", path, lambda: self.fs.pipe_file(fpath, bytes(data)))
-
-    def create_bytes(self, path: str, data: bytes) -> bool:
-        """Create ``path`` only if absent (atomic on ``s3://`` and ``memory://``; see the module doc)."""
-        if self.scheme in ("s3", "s3a") and self.is_async:
-            return self._s3_create(path, bytes(data))
-        if self.scheme == "memory":
-            with _MEMORY_CREATE_LOCK:
-                return super().create_bytes(path, data)
-        return super().create_bytes(path, data)
-
-    def _s3_create(self, path: str, body: bytes) -> bool:
-        bucket, _, key = self.fspath(path).partition("/")
-        url = self.url(path)
-
-        async def client() -> Any:
-            await self.fs.set_session()
-            return await self.fs.get_s3(bucket)
-
-        async def holds_ours() -> bool:
-            """On 412: is the object there exactly our bytes (our own put, whose answer was lost)?"""
-            s3 = await client()
-            resp = await s3.get_object(Bucket=bucket, Key=key)
-            async with resp["Body"] as stream:  # closed unread when the size differs
-                return int(resp.get("ContentLength", -1)) == len(body) and bytes(await stream.read()) == body
-
-        async def run() -> bool:
-            for attempt in range(self.policy.attempts):
-                try:
-                    s3 = await client()
-                    await s3.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
-                    return True
-                except CheckpointError:
-                    raise
-                except Exception as exc:
-                    outcome = _conditional_outcome(exc)
-                    if outcome == "exists":
-                        return await holds_ours()
-                    last = attempt + 1 >= self.policy.attempts
-                    if outcome == "conflict":  # another conditional put of this key is in flight
-                        if last:
-                            return False
-                    elif classify(exc) != "transient" or last:
-                        raise self.errors.to_ckptio(exc, "create", url, attempt + 1) from exc
-                    await asyncio.sleep(self.policy.delay(attempt))
-            return False  # pragma: no cover - the loop returns or raises
-
-        try:
-            return bool(self._sync(run))
-        finally:
-            self.fs.invalidate_cache(self.fspath(path))
 
     # -- reads --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -441,8 +367,54 @@ class S3Backend(FsspecBackend):
 
     atomic_create = True
 
+    def create_bytes(self, path: str, data: bytes) -> bool:
+        body = bytes(data)
+        bucket, _, key = self.fspath(path).partition("/")
+        url = self.url(path)
+
+        async def client() -> Any:
+            await self.fs.set_session()
+            return await self.fs.get_s3(bucket)
+
+        async def holds_ours() -> bool:
+            """On 412: is the object there exactly our bytes (our own put, whose answer was lost)?"""
+            s3 = await client()
+            resp = await s3.get_object(Bucket=bucket, Key=key)
+            async with resp["Body"] as stream:  # closed unread when the size differs
+                return int(resp.get("ContentLength", -1)) == len(body) and bytes(await stream.read()) == body
+
+        async def run() -> bool:
+            for attempt in range(self.policy.attempts):
+                try:
+                    s3 = await client()
+                    await s3.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+                    return True
+                except CheckpointError:
+                    raise
+                except Exception as exc:
+                    outcome = conditional_outcome(exc)
+                    if outcome == "exists":
+                        return await holds_ours()
+                    last = attempt + 1 >= self.policy.attempts
+                    if outcome == "conflict":  # another conditional put of this key is in flight
+                        if last:
+                            return False
+                    elif classify(exc) != "transient" or last:
+                        raise self.errors.to_ckptio(exc, "create", url, attempt + 1) from exc
+                    await asyncio.sleep(self.policy.delay(attempt))
+            return False  # pragma: no cover - the loop returns or raises
+
+        try:
+            return bool(self._sync(run))
+        finally:
+            self.fs.invalidate_cache(self.fspath(path))
+
 
 class MemoryBackend(FsspecBackend):
     """``memory://`` (one process): :meth:`create_bytes` is atomic under a process-wide lock."""
 
     atomic_create = True
+
+    def create_bytes(self, path: str, data: bytes) -> bool:
+        with _MEMORY_CREATE_LOCK:
+            return super().create_bytes(path, data)

@@ -53,7 +53,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from ckptio.backend import Backend
 from ckptio.errors import CheckpointError, CorruptCheckpointError, InvalidURLError, StorageError
-from ckptio.retry import ErrorMapper, RetryPolicy, classify, retry_call
+from ckptio.retry import ErrorMapper, RetryPolicy, classify, conditional_outcome, retry_call
 from ckptio.url import URL
 from ckptio_local import LocalBackend
 
@@ -106,24 +106,6 @@ class _Profiles:
         if not profile:
             raise InvalidURLError(f"msc://{path}: no profile name")
         return self.client(profile), key
-
-
-def _conditional_outcome(exc: BaseException) -> str | None:
-    """``"exists"`` for 412 PreconditionFailed, ``"conflict"`` for 409 ConditionalRequestConflict."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        response = getattr(cur, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code") or "")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "PreconditionFailed" or status == 412:
-                return "exists"
-            if code == "ConditionalRequestConflict" or status == 409:
-                return "conflict"
-        cur = cur.__cause__ or cur.__context__
-    return None
 
 
 def _is_s3(client: Any) -> bool:
@@ -355,7 +337,7 @@ class MscS3Backend(MscBackend):
                 s3.put_object(Bucket=bucket, Key=okey, Body=body, IfNoneMatch="*")
                 return True
             except Exception as exc:
-                outcome = _conditional_outcome(exc)
+                outcome = conditional_outcome(exc)
                 if outcome == "exists":
                     return self._holds(s3, bucket, okey, body)
                 last = attempt + 1 >= self.policy.attempts
