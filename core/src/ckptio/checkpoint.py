@@ -258,18 +258,15 @@ def save_checkpoint(
     # manager's step: a symlink planted as step_N must never lead the save elsewhere)
     final = backend.resolve(u.path) if path is None else path
 
-    def prepare() -> tuple[str, str]:
+    target: Target | None = None  # the coordinator's publication; other ranks only write
+
+    def prepare() -> str:
+        nonlocal target
         target = Target.prepare(backend, final, overwrite=overwrite, what=str(u))
-        targets[target.token] = target
-        return target.token, target.data_dir
+        return target.data_dir
 
-    targets: dict[str, Target] = {}
-    token, data_dir = _dist.on_coordinator(prepare, pg, share_result=True)  # type: ignore[misc]
+    data_dir: str = _dist.on_coordinator(prepare, pg, share_result=True)  # type: ignore[assignment]
     t_prep = time.perf_counter()
-
-    def abort() -> None:
-        for target in targets.values():
-            target.abort()
 
     try:
         expanded = expand_state(state, rank)
@@ -309,12 +306,12 @@ def save_checkpoint(
         for part in _dist.all_gather(ctx.artifacts, pg):
             artifacts.update(part)
     except BaseException:
-        if rank == 0:  # DCP reports a failure to every rank once all are done writing
-            abort()
+        if target is not None:  # DCP reports a failure to every rank once all are done writing
+            target.abort()
         raise
 
     def commit() -> Manifest:
-        target = targets[token]
+        assert target is not None
         manifest = Manifest(
             format=fmt.name,
             files={**writer.files, **artifacts},
@@ -380,7 +377,7 @@ def find_format(backend: Backend, u: URL, manifest: Manifest | None, path: str |
         fmt = get_format(name)
         if fmt.detect(backend, path):
             return fmt
-    parent, name = split_parent(backend, path)
+    parent, name = split_parent(path)
     staged = any((p := parse_leftover(e)) and p[0] == name for e in backend.listdir(parent))
     if staged or backend.listdir(path):
         raise IncompleteCheckpointError(
@@ -393,6 +390,10 @@ def _replaced(backend: Backend, path: str, manifest: Manifest, pg: Any) -> bool:
     """Whether the checkpoint at ``path`` is no longer the one whose manifest the load started with."""
 
     return bool(_dist.on_coordinator(lambda: _changed(backend, path, manifest), pg, share_result=True))
+
+
+def _replaced_error(u: URL) -> ConcurrentWriteError:
+    return ConcurrentWriteError(f"{u} was replaced by another save while it was being loaded; load it again")
 
 
 def _changed(backend: Backend, path: str, manifest: Manifest) -> bool:
@@ -459,9 +460,7 @@ def load_checkpoint(
         reader = fmt.storage_reader(backend, path, manifest, verify=verify, **format_options)
     except CheckpointError as exc:  # per rank, so no collective here
         if manifest is not None and _changed(backend, path, manifest):
-            raise ConcurrentWriteError(
-                f"{u} was replaced by another save while it was being loaded; load it again"
-            ) from exc
+            raise _replaced_error(u) from exc
         raise
     per_rank = [k for k, v in state.items() if isinstance(v, (PerRank, RNGState))]
     planner = SafeLoadPlanner(strict=strict, per_rank_keys=per_rank, rank=rank)
@@ -484,15 +483,11 @@ def load_checkpoint(
         ):  # pragma: no cover
             err = CorruptCheckpointError(str(exc))
         if manifest is not None and _replaced(backend, path, manifest, pg):
-            raise ConcurrentWriteError(
-                f"{u} was replaced by another save while it was being loaded; load it again"
-            ) from exc
+            raise _replaced_error(u) from exc
         raise err from exc
     if manifest is not None and _replaced(backend, path, manifest, pg):
         # with verify=False a mix of two saves would otherwise go unnoticed
-        raise ConcurrentWriteError(
-            f"{u} was replaced by another save while it was being loaded; load it again"
-        )
+        raise _replaced_error(u)
     addons.hook.restore_state_dict(ctx=ctx, state_dict=expanded)
     restore_state(state, expanded, rank)
     addons.hook.on_load_end(ctx=ctx)

@@ -501,32 +501,12 @@ def cmd_verify(args: argparse.Namespace, ctx: Ctx) -> int:
 _COPY_CHUNK = 8 << 20
 
 
-def _refuse_foreign(backend: Any, path: str, url: Any) -> None:
-    """Refuse a destination that holds files but no ``manifest.json``: a run root, another tool's
-    output. ``cp`` never replaces what it did not write, with or without ``--overwrite``."""
-    from .manifest import MANIFEST_NAME
-
-    if backend.exists(backend.join(path, MANIFEST_NAME)):
-        return
-    try:
-        entries = backend.listdir(path)
-    except CheckpointNotFoundError:
-        return
-    if entries:
-        raise CheckpointError(
-            f"{url} already holds files that are not a ckptio checkpoint (a run root, another tool's "
-            f"output: {_names(sorted(entries), 4)}); cp never replaces them, even with --overwrite: "
-            "choose another destination or remove it yourself"
-        )
-
-
 def _prepare_destination(backend: Any, path: str, overwrite: bool, url: Any) -> Any:
     """Make room for a new checkpoint at ``path`` through the commit protocol (:mod:`ckptio.commit`):
     a unique staging directory renamed into place at the end on ``rename`` backends, an in-place
     write with ``manifest.json`` last on ``marker`` ones."""
     from .commit import Target
 
-    _refuse_foreign(backend, path, url)
     return Target.prepare(
         backend, path, overwrite=overwrite, what=str(url), hint="pass --overwrite to replace it"
     )
@@ -751,12 +731,12 @@ def copy_convert(
             ctx.note(
                 f"format {loc.fmt.name!r} does not list its tensor files; extra files are not carried over"
             )
-    from .manifest import MANIFEST_NAME
+    from .commit import check_replaceable
 
     # refused before the whole source is read (the save below checks again, atomically)
-    _refuse_foreign(dst_backend, dst.path, dst)
-    if dst_backend.exists(dst_backend.join(dst.path, MANIFEST_NAME)) and not overwrite:
-        raise CheckpointError(f"{dst} already holds a committed checkpoint (pass --overwrite to replace it)")
+    check_replaceable(
+        dst_backend, dst.path, overwrite=overwrite, what=str(dst), hint="pass --overwrite to replace it"
+    )
     with _progress.progress(2, "cp (read, write)", unit="step") as bar:
         loaded = load_checkpoint(state, loc.url, backend=loc.backend)
         bar.update(1)

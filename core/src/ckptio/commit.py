@@ -57,6 +57,11 @@ _LEFTOVER_RE = re.compile(
 )
 
 
+def new_token() -> str:
+    """A random 12-hex-digit token naming one save's staging entries (or one lock holder)."""
+    return uuid.uuid4().hex[:12]
+
+
 def leftover_name(name: str, token: str, suffix: str) -> str:
     """``.<name>.<token><suffix>``: a staging, moved-aside or lease entry of target ``name``."""
     return f".{name}.{token}{suffix}"
@@ -74,7 +79,7 @@ def parse_leftover(entry: str) -> tuple[str, str | None, str] | None:
     return m.group("name"), m.group("token"), m.group("kind")
 
 
-def split_parent(backend: Backend, path: str) -> tuple[str, str]:
+def split_parent(path: str) -> tuple[str, str]:
     """``(parent, name)`` of a backend path."""
     stripped = path.rstrip("/")
     if "/" not in stripped:
@@ -143,21 +148,18 @@ def read_holder(backend: Backend, path: str) -> dict[str, Any] | None:
 class Heartbeat:
     """A file holding this process's identity, rewritten every ``interval`` seconds by a thread.
 
-    Used for staging leases and for the run lock. ``on_lost`` is called (from the thread) when
-    ``check`` says the file is no longer ours, e.g. a run lock another process took over.
+    Used for staging leases and for the run lock. Started with ``verify=True`` (the run lock),
+    the thread first checks that the file still holds this token; when another process took it
+    over, it stops and sets :attr:`lost` to the new holder.
     """
 
     def __init__(
-        self,
-        backend: Backend,
-        path: str,
-        extra: dict[str, Any] | None = None,
-        interval: float = HEARTBEAT_S,
+        self, backend: Backend, path: str, token: str | None = None, interval: float = HEARTBEAT_S
     ) -> None:
         self.backend = backend
         self.path = path
-        self.token = uuid.uuid4().hex[:12]
-        self.body = {**identity(), "token": self.token, "started": time.time(), **(extra or {})}
+        self.token = token or new_token()
+        self.body = {**identity(), "token": self.token, "started": time.time()}
         self.interval = interval
         self.lost: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -230,7 +232,7 @@ def recover(backend: Backend, final: str, *, protect: frozenset[str] = frozenset
     """
     if backend.commit_mode != "rename":
         return
-    parent, name = split_parent(backend, final)
+    parent, name = split_parent(final)
     groups: dict[str | None, dict[str, str]] = {}
     for entry in backend.listdir(parent):
         parsed = parse_leftover(entry)
@@ -295,8 +297,38 @@ def live_tokens(backend: Backend, parent: str) -> set[str]:
 
 
 # -- one publication -----------------------------------------------------------------------------
-def _nonempty_without_manifest(backend: Backend, path: str) -> bool:
-    return bool(backend.listdir(path)) and not _has_manifest(backend, path)
+def check_replaceable(
+    backend: Backend,
+    final: str,
+    *,
+    overwrite: bool,
+    what: str,
+    hint: str = "pass overwrite=True to replace it",
+    replace_foreign: bool = False,
+) -> None:
+    """Refuse what a publication at ``final`` must not replace (:meth:`Target.prepare` runs it;
+    ``ckptio cp --full`` too, before it reads a whole source).
+
+    A committed checkpoint is replaced only with ``overwrite``. A non-empty location without a
+    manifest (a run root, another tool's output) only with ``replace_foreign``, whatever
+    ``overwrite`` says, because it may be a whole run. A file is never replaced.
+    """
+    if not backend.exists(final):
+        return
+    if backend.commit_mode == "rename" and not backend.is_dir(final):
+        raise CheckpointError(f"{what} is a file, not a checkpoint directory; ckptio will not replace it")
+    if _has_manifest(backend, final):
+        if not overwrite:
+            raise CheckpointError(f"{what} already holds a committed checkpoint ({hint})")
+        return
+    entries = backend.listdir(final)
+    if entries and not replace_foreign:
+        shown = ", ".join(sorted(entries)[:4]) + (", ..." if len(entries) > 4 else "")
+        raise CheckpointError(
+            f"{what} already holds files that are not a ckptio checkpoint (a run root or another "
+            f"tool's output: {shown}); ckptio never replaces them, even with overwrite: choose "
+            "another location or remove it yourself"
+        )
 
 
 @dataclass
@@ -332,22 +364,11 @@ class Target:
         hint: str = "pass overwrite=True to replace it",
         replace_foreign: bool = False,
     ) -> Target:
-        parent, name = split_parent(backend, final)
+        parent, name = split_parent(final)
         recover(backend, final)
-        if backend.exists(final):
-            if backend.commit_mode == "rename" and not backend.is_dir(final):
-                raise CheckpointError(
-                    f"{what} is a file, not a checkpoint directory; ckptio will not replace it"
-                )
-            if _has_manifest(backend, final):
-                if not overwrite:
-                    raise CheckpointError(f"{what} already holds a committed checkpoint ({hint})")
-            elif backend.listdir(final) and not replace_foreign:
-                raise CheckpointError(
-                    f"{what} already holds files that are not a ckptio checkpoint (a run root or "
-                    "another tool's output?); ckptio never replaces them: choose another location "
-                    "or remove it yourself"
-                )
+        check_replaceable(
+            backend, final, overwrite=overwrite, what=what, hint=hint, replace_foreign=replace_foreign
+        )
         if backend.commit_mode != "rename":
             if overwrite:
                 backend.remove(backend.join(final, MANIFEST_NAME))  # uncommit first
@@ -362,9 +383,8 @@ class Target:
                 _parent=parent,
                 _name=name,
             )
-        lease = Heartbeat(backend, "")
-        token = lease.token
-        lease.path = _sibling(backend, parent, leftover_name(name, token, LEASE_SUFFIX))
+        token = new_token()
+        lease = Heartbeat(backend, _sibling(backend, parent, leftover_name(name, token, LEASE_SUFFIX)), token)
         lease.write()
         lease.start()
         data_dir = _sibling(backend, parent, leftover_name(name, token, PARTIAL_SUFFIX))

@@ -217,7 +217,8 @@ class CheckpointManager:
             lock = Heartbeat(self.backend, self._lock_path())
             if not lock.create():
                 holder = read_holder(self.backend, self._lock_path()) or {}
-                if holder and holder_alive(holder) and not self.takeover:
+                alive = bool(holder) and holder_alive(holder)
+                if alive and not self.takeover:
                     raise RunLockedError(
                         f"another process (host {holder.get('host')!r}, pid {holder.get('pid')}) is writing "
                         f"{self.root}. Two jobs must not write one run; if that job is gone or must stop, "
@@ -228,7 +229,7 @@ class CheckpointManager:
                     log.warning(
                         "taking over %s from %s (host %r, pid %s)",
                         self.root,
-                        "a live process" if holder_alive(holder) else "a dead process",
+                        "a live process" if alive else "a dead process",
                         holder.get("host"),
                         holder.get("pid"),
                     )
@@ -286,35 +287,37 @@ class CheckpointManager:
         """
 
         def clean() -> None:
-            names = set()
+            leftovers: set[str] = set()  # step names with staging/moved-aside/lease entries
+            step_dirs: list[str] = []
             for entry in self.backend.listdir(self.root_path):
                 parsed = parse_leftover(entry)
-                m = _STEP_RE.match(parsed[0]) if parsed else None
-                if m and int(m.group(1)) not in keep:
-                    names.add(parsed[0])  # type: ignore[index]
-            for name in sorted(names):
-                path = self.backend.join(self.root_path, name)
+                m = _STEP_RE.match(parsed[0] if parsed else entry)
+                if m is None or int(m.group(1)) in keep:
+                    continue
+                path = self.backend.join(self.root_path, m.group(0))
                 with self._lock:
                     if path in self._deleting:  # retention's thread is on it
                         continue
+                if parsed:
+                    leftovers.add(m.group(0))
+                else:
+                    step_dirs.append(path)
+            for name in sorted(leftovers):
                 try:
-                    recover(self.backend, path)
+                    recover(self.backend, self.backend.join(self.root_path, name))
                 except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
                     log.warning("could not clean leftovers of %s: %s", name, exc)
             # a step directory without a manifest is a deletion cut short (the manifest goes first)
             # or an object-store save that died; while this manager holds the run lock, no save
             # of its own is in flight there (a save in place is in ``keep``)
-            for step, committed in self.all_steps().items():
-                path = self._step_path(step)
-                with self._lock:
-                    busy = path in self._deleting
-                if committed or busy or step in keep or not self.backend.exists(path):
+            for path in step_dirs:
+                if self.backend.exists(self.backend.join(path, MANIFEST_NAME)):
                     continue
-                log.info("removing step %d: it was never committed (or its deletion was cut short)", step)
+                log.info("removing %s: it was never committed (or its deletion was cut short)", path)
                 try:
                     self.backend.remove(path, recursive=True)
                 except CheckpointError as exc:
-                    log.warning("could not remove uncommitted step %d: %s", step, exc)
+                    log.warning("could not remove uncommitted %s: %s", path, exc)
 
         _dist.on_coordinator(clean, self.process_group)
 
