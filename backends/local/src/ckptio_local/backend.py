@@ -428,69 +428,9 @@ class LocalBackend(Backend):
             f.close()
             os.close(dfd)
 
-    def _write_temp(self, dfd: int, data: Any, name: str) -> str:
-        """Write ``data`` to a new temporary file beside ``name`` (fsynced); return its name."""
-        tmp = _temp_name(name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o666, dir_fd=dfd)
-        try:
-            _write_all(fd, data)
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
-            raise
-        os.close(fd)
-        return tmp
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        with _os_errors(path):
-            parent, name = _split(path)
-            dfd = _ensure_dir(parent)
-            try:
-                tmp = self._write_temp(dfd, data, name)
-                try:
-                    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp, dir_fd=dfd)
-                if self.fsync:
-                    os.fsync(dfd)
-            finally:
-                os.close(dfd)
-
-    def create_bytes(self, path: str, data: bytes) -> bool:
-        """Atomic: a complete temporary file is ``link(2)``-ed to ``path``, which fails if it exists.
-
-        Readers never see a partial file. On file systems without hard links (some FUSE/SMB
-        mounts) it falls back to ``O_EXCL`` on ``path`` itself: still one winner, but the content
-        is visible while it is written.
-        """
-        with _os_errors(path):
-            parent, name = _split(path)
-            dfd = _ensure_dir(parent)
-            try:
-                tmp = self._write_temp(dfd, data, name)
-                try:
-                    os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-                except FileExistsError:
-                    return False
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
-                        raise
-                    if not self._create_excl(dfd, name, data):
-                        return False
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp, dir_fd=dfd)
-                if self.fsync:
-                    os.fsync(dfd)
-                return True
-            finally:
-                os.close(dfd)
-
-    def _create_excl(self, dfd: int, name: str, data: bytes) -> bool:
+    def _write_new(self, dfd: int, name: str, data: Any) -> bool:
+        """Create ``name`` in ``dfd`` holding ``data`` (fsynced), never through a link; ``False``
+        when it already exists. A failed write removes what it created."""
         try:
             fd = os.open(
                 name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o666, dir_fd=dfd
@@ -508,6 +448,58 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
         return True
+
+    def _via_temp(self, path: str, data: Any, publish: Callable[[int, str, str], bool]) -> bool:
+        """Write ``data`` to a temporary file beside ``path``, then ``publish(dfd, tmp, name)``.
+
+        The temporary file is gone afterwards whatever happens, and the directory is fsynced
+        when ``publish`` says it put the file in place.
+        """
+        with _os_errors(path):
+            parent, name = _split(path)
+            dfd = _ensure_dir(parent)
+            try:
+                tmp = _temp_name(name)
+                if not self._write_new(dfd, tmp, data):
+                    raise FileExistsError(errno.EEXIST, "temporary name already taken", tmp)
+                try:
+                    done = publish(dfd, tmp, name)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp, dir_fd=dfd)
+                if done and self.fsync:
+                    os.fsync(dfd)
+                return done
+            finally:
+                os.close(dfd)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        def replace(dfd: int, tmp: str, name: str) -> bool:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            return True
+
+        self._via_temp(path, data, replace)
+
+    def create_bytes(self, path: str, data: bytes) -> bool:
+        """Atomic: a complete temporary file is ``link(2)``-ed to ``path``, which fails if it exists.
+
+        Readers never see a partial file. On file systems without hard links (some FUSE/SMB
+        mounts) it falls back to ``O_EXCL`` on ``path`` itself: still one winner, but the content
+        is visible while it is written.
+        """
+
+        def link(dfd: int, tmp: str, name: str) -> bool:
+            try:
+                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+                    raise
+                return self._write_new(dfd, name, data)
+            return True
+
+        return self._via_temp(path, data, link)
 
     def makedirs(self, path: str) -> None:
         with _os_errors(path):
