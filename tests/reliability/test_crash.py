@@ -122,6 +122,26 @@ def check_series(url: str, storage_options: dict[str, Any] | None, progress: lis
         return latest
 
 
+def kill_after_start(zygote: Zygote, pid: int, progress: Path, delay: float, i: int) -> list[str]:
+    """SIGKILL worker ``i`` ``delay`` seconds after it reports "started"; return its progress lines.
+
+    A worker that exited with an error before the kill fails the test (its log is named).
+    """
+    deadline = time.monotonic() + 60
+    while (
+        "started" not in (progress.read_text() if progress.exists() else "") and time.monotonic() < deadline
+    ):
+        time.sleep(0.005)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    status = zygote.reap()
+    lines = progress.read_text().splitlines() if progress.exists() else []
+    assert not (os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0), (
+        f"worker {i} failed before the kill (exit {os.WEXITSTATUS(status)}); see {zygote.log.name}"
+    )
+    return lines
+
+
 def crash_loop(
     zygote: Zygote,
     url: str,
@@ -146,19 +166,7 @@ def crash_loop(
             }
         )
         # random moments counted from the end of the resume, so that every kill lands in the save loop
-        deadline = time.monotonic() + 60
-        while (
-            "started" not in (progress.read_text() if progress.exists() else "")
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, max_delay))
-        os.kill(pid, signal.SIGKILL)
-        status = zygote.reap()
-        lines = progress.read_text().splitlines() if progress.exists() else []
-        assert not (os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0), (
-            f"worker {i} failed before the kill (exit {os.WEXITSTATUS(status)}); see {zygote.log.name}"
-        )
+        lines = kill_after_start(zygote, pid, progress, rng.uniform(0.0, max_delay), i)
         if mode == "async":
             lines = [line.replace("saved", "staged") for line in lines]
         latests.append(check_series(url, storage_options, lines))
@@ -255,20 +263,8 @@ def kill_loop(
     for i in range(kills):
         progress = tmp / f"{cfg['kind']}{i}.txt"
         pid = zygote.run({**cfg, "progress": str(progress), "start": base + 1, "seed": seed + i})
-        deadline = time.monotonic() + 60
-        while (
-            "started" not in (progress.read_text() if progress.exists() else "")
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, max_delay))
-        os.kill(pid, signal.SIGKILL)
-        status = zygote.reap()
-        lines = progress.read_text().splitlines() if progress.exists() else []
+        lines = kill_after_start(zygote, pid, progress, rng.uniform(0.0, max_delay), i)
         assert not [line for line in lines if line.startswith("BAD")], lines
-        assert not (os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0), (
-            f"worker {i} failed before the kill (exit {os.WEXITSTATUS(status)}); see {zygote.log.name}"
-        )
         saved = [int(line.split()[1]) for line in lines if line.startswith("saved")]
         base = check(saved, base)
         seen.append(base)
