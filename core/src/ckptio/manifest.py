@@ -39,6 +39,17 @@ MAX_CREATED = 1e11
 _MAX_WORLD = 1 << 31
 
 
+def check_file_name(name: str, where: str) -> None:
+    """A file name from checkpoint metadata must stay inside the checkpoint (no ``..``, not
+    absolute): :class:`~ckptio.errors.UnsafeCheckpointError` otherwise."""
+    try:
+        join_path("/x", name)
+    except Exception as exc:
+        raise UnsafeCheckpointError(
+            f"{where}: file name {name!r} escapes the checkpoint", path=where
+        ) from exc
+
+
 @dataclass
 class Manifest:
     """What a committed checkpoint contains. ``files`` maps relative names to ``{"size": n, ...}``."""
@@ -136,12 +147,7 @@ class Manifest:
         if len(m.files) > MAX_ENTRIES or len(m.addons) > MAX_ENTRIES:
             raise CorruptCheckpointError(f"{where}: manifest lists too many files", path=where)
         for name, info in m.files.items():
-            try:
-                join_path("/x", name)
-            except Exception as exc:
-                raise UnsafeCheckpointError(
-                    f"{where}: file name {name!r} escapes the checkpoint", path=where
-                ) from exc
+            check_file_name(name, where)
             size = info.get("size") if isinstance(info, dict) else None
             if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
                 raise CorruptCheckpointError(f"{where}: bad size for {name!r}", path=where)

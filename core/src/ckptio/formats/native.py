@@ -49,12 +49,11 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from .._buffers import as_cpu_contiguous, tensor_memoryview
 from ..backend import Backend
-from ..errors import CorruptCheckpointError, InvalidURLError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError
 from ..hookspecs import hookimpl
-from ..manifest import MAX_ENTRIES, Manifest, no_gc
+from ..manifest import MAX_ENTRIES, Manifest, check_file_name, no_gc
 from ..progress import Progress
 from ..serialization import MAX_BYTES, dtype_name, parse_dtype
-from ..url import join_path
 from .base import (
     FileSizeChecker,
     Format,
@@ -410,12 +409,7 @@ def _declared_file(name: Any, files: dict[str, dict[str, Any]], where: str) -> i
     """The declared size of data file ``name``, which must be a listed, safe relative name."""
     if not isinstance(name, str):
         raise CorruptCheckpointError(f"{where}: malformed file name {name!r:.100}")
-    try:
-        join_path("/x", name)
-    except InvalidURLError as exc:
-        raise UnsafeCheckpointError(
-            f"{where}: file name {name!r} escapes the checkpoint", path=where
-        ) from exc
+    check_file_name(name, where)
     info = files.get(name)
     size = info.get("size") if isinstance(info, dict) else None
     if info is None:
