@@ -805,50 +805,6 @@ def cmd_cp(args: argparse.Namespace, ctx: Ctx) -> int:
 
 
 # -- rm ------------------------------------------------------------------------------------------
-def _leftovers(backend: Any, root: str) -> dict[int, dict[str | None, list[str]]]:
-    """``{step: {token: [entries]}}``: staging, moved-aside and lease entries of every step."""
-    from .commit import parse_leftover
-    from .manager import _STEP_RE
-
-    out: dict[int, dict[str | None, list[str]]] = {}
-    for entry in backend.listdir(root):
-        parsed = parse_leftover(entry)
-        if parsed is None:
-            continue
-        m = _STEP_RE.match(parsed[0])
-        if m:
-            out.setdefault(int(m.group(1)), {}).setdefault(parsed[1], []).append(entry)
-    return out
-
-
-def _holder_text(backend: Any, root: str, entries: list[str]) -> str:
-    from .commit import LEASE_SUFFIX, read_holder
-
-    for entry in entries:
-        if entry.endswith(LEASE_SUFFIX):
-            body = read_holder(backend, backend.join(root, entry)) or {}
-            return f"{body.get('host', '?')}/{body.get('pid', '?')}"
-    return "?"
-
-
-def _remove_leftovers(
-    backend: Any, root: str, groups: dict[str | None, list[str]], live: set[str]
-) -> list[dict[str, Any]]:
-    """Remove the dead leftovers of one step; a save still running (live lease) is left alone."""
-    from .commit import LEASE_SUFFIX
-
-    busy = []
-    for token, entries in groups.items():
-        if token is not None and token in live:
-            busy.append(
-                {"token": token, "holder": _holder_text(backend, root, entries), "entries": sorted(entries)}
-            )
-            continue
-        for entry in sorted(entries, key=lambda e: e.endswith(LEASE_SUFFIX)):  # the lease goes last
-            backend.remove(backend.join(root, entry), recursive=True)
-    return busy
-
-
 def _locked_hint(exc: CheckpointError) -> CheckpointError:
     from .errors import RunLockedError
 
@@ -856,7 +812,7 @@ def _locked_hint(exc: CheckpointError) -> CheckpointError:
 
 
 def cmd_rm(args: argparse.Namespace, ctx: Ctx) -> int:
-    from .commit import live_tokens
+    from .commit import remove_leftovers
     from .errors import RunLockedError
     from .manager import LATEST_NAME, CheckpointManager, step_name
 
@@ -866,9 +822,8 @@ def cmd_rm(args: argparse.Namespace, ctx: Ctx) -> int:
     busy: list[dict[str, Any]] = []
     try:
         backend, root = mgr.backend, mgr.root_path
-        all_steps = mgr.all_steps()
-        leftovers = _leftovers(backend, root)
-        known = set(all_steps) | set(leftovers)
+        all_steps = mgr.all_steps()  # committed or not, leftovers included
+        known = set(all_steps)
         if not known:
             raise CheckpointNotFoundError(f"{mgr.root} holds no steps")
         unknown = [s for s in args.steps if s not in known]
@@ -884,7 +839,6 @@ def cmd_rm(args: argparse.Namespace, ctx: Ctx) -> int:
                 f"step {', '.join(map(str, refused))} is the newest committed step, which retention protects; "
                 "pass --force to delete it anyway"
             )
-        live = live_tokens(backend, root)
         committed_deleted = False
         for s in dict.fromkeys(args.steps):
             removed = False
@@ -898,10 +852,12 @@ def cmd_rm(args: argparse.Namespace, ctx: Ctx) -> int:
                 # a step directory without its manifest: never committed (or half deleted)
                 backend.remove(backend.join(root, step_name(s)), recursive=True)
                 removed = True
-            groups = leftovers.get(s, {})
-            left = _remove_leftovers(backend, root, groups, live)
-            busy += [{"step": s, **entry} for entry in left]
-            if removed or len(left) < len(groups):
+            n_removed, live = remove_leftovers(backend, backend.join(root, step_name(s)))
+            busy += [
+                {"step": s, "token": token, "holder": f"{body.get('host', '?')}/{body.get('pid', '?')}"}
+                for token, body in live.items()
+            ]
+            if removed or n_removed:
                 deleted.append(s)
         remaining = mgr.steps()
         pointer = backend.join(root, LATEST_NAME)

@@ -224,31 +224,62 @@ def _is_complete(backend: Backend, path: str) -> bool:
         return False
 
 
-def recover(backend: Backend, final: str, *, protect: frozenset[str] = frozenset()) -> None:
+Groups = dict[str | None, dict[str, str]]  # token -> {suffix: entry}
+
+
+def _groups(backend: Backend, parent: str, name: str) -> Groups:
+    """The staging, moved-aside and lease entries of target ``name``, by save token."""
+    groups: Groups = {}
+    for entry in backend.listdir(parent):
+        parsed = parse_leftover(entry)
+        if parsed is not None and parsed[0] == name:
+            groups.setdefault(parsed[1], {})[parsed[2]] = entry
+    return groups
+
+
+def _split_live(backend: Backend, parent: str, groups: Groups) -> tuple[Groups, dict[str, dict[str, Any]]]:
+    """``(dead groups, {token: lease body} of the live ones)``."""
+    dead: Groups = {}
+    live: dict[str, dict[str, Any]] = {}
+    for token, entries in groups.items():
+        lease = entries.get(LEASE_SUFFIX)
+        body = read_holder(backend, _sibling(backend, parent, lease)) if lease else None
+        if token is not None and body and holder_alive(body):
+            live[token] = body
+        else:
+            dead[token] = entries
+    return dead, live
+
+
+def _remove_dead(backend: Backend, parent: str, dead: Groups, *, keep_moved_aside: bool, quiet: bool) -> None:
+    """Remove dead entries, each lease last. ``quiet``: failures are logged, not raised."""
+    for entries in dead.values():
+        for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX, LEASE_SUFFIX):
+            leftover = entries.get(suffix)
+            if leftover is None or (suffix == OLD_SUFFIX and keep_moved_aside):
+                continue
+            try:
+                backend.remove(_sibling(backend, parent, leftover), recursive=True)
+                log.info("removed %s, left by an interrupted save", leftover)
+            except CheckpointError as exc:
+                if not quiet:
+                    raise
+                log.warning("could not remove leftover %s: %s", leftover, exc)
+
+
+def recover(backend: Backend, final: str) -> None:
     """Finish or undo interrupted replacements of ``final``, and drop its dead leftovers.
 
     Only entries whose lease is dead are touched, so a save still running elsewhere keeps its
-    staging directory. ``protect`` lists tokens never to touch (this process's own saves).
+    staging directory.
     """
     if backend.commit_mode != "rename":
         return
     parent, name = split_parent(final)
-    groups: dict[str | None, dict[str, str]] = {}
-    for entry in backend.listdir(parent):
-        parsed = parse_leftover(entry)
-        if parsed is None or parsed[0] != name:
-            continue
-        groups.setdefault(parsed[1], {})[parsed[2]] = entry
+    groups = _groups(backend, parent, name)
     if not groups:
         return
-    dead: dict[str | None, dict[str, str]] = {}
-    for token, entries in groups.items():
-        if token in protect:
-            continue
-        lease = entries.get(LEASE_SUFFIX)
-        body = read_holder(backend, _sibling(backend, parent, lease)) if lease else None
-        if token is None or not body or not holder_alive(body):
-            dead[token] = entries
+    dead, _ = _split_live(backend, parent, groups)
     if not dead:
         return
     if not backend.exists(final):
@@ -268,32 +299,18 @@ def recover(backend: Backend, final: str, *, protect: frozenset[str] = frozenset
             else:
                 continue
             break
-    final_exists = backend.exists(final)
-    for entries in dead.values():
-        for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX, LEASE_SUFFIX):
-            leftover = entries.get(suffix)
-            if leftover is None:
-                continue
-            # a moved-aside committed copy is the only copy while nothing is at ``final``
-            if suffix == OLD_SUFFIX and not final_exists:
-                continue
-            try:
-                backend.remove(_sibling(backend, parent, leftover), recursive=True)
-                log.info("removed %s, left by an interrupted save", leftover)
-            except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
-                log.warning("could not remove leftover %s: %s", leftover, exc)
+    # a moved-aside committed copy is the only copy while nothing is at ``final``
+    _remove_dead(backend, parent, dead, keep_moved_aside=not backend.exists(final), quiet=True)
 
 
-def live_tokens(backend: Backend, parent: str) -> set[str]:
-    """Tokens of the staging locations under ``parent`` whose lease is alive."""
-    out = set()
-    for entry in backend.listdir(parent):
-        parsed = parse_leftover(entry)
-        if parsed and parsed[1] and parsed[2] == LEASE_SUFFIX:
-            body = read_holder(backend, _sibling(backend, parent, entry))
-            if body and holder_alive(body):
-                out.add(parsed[1])
-    return out
+def remove_leftovers(backend: Backend, final: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    """For deleting ``final`` (``ckptio rm``): remove every dead staging, moved-aside and lease
+    entry of it. Returns how many saves' leftovers were removed, and the lease bodies (host,
+    pid...) of live saves, by token, whose entries were left alone."""
+    parent, name = split_parent(final)
+    dead, live = _split_live(backend, parent, _groups(backend, parent, name))
+    _remove_dead(backend, parent, dead, keep_moved_aside=False, quiet=False)
+    return len(dead), live
 
 
 # -- one publication -----------------------------------------------------------------------------
