@@ -430,3 +430,33 @@ def test_gpu_check_without_cuda_exits_cleanly(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
     assert not (tmp_path / "gpu.md").exists()
+
+
+def test_native_reader_fills_device_tensors_through_the_bounce_buffers(tmp_path: Path) -> None:
+    """The native reader's accelerator path (``read_to_device``), run with host destinations:
+    every chunk arrives whole, and a damaged byte is caught on the way, as on the host path."""
+    import ckptio
+    from ckptio.checkpoint import open_backend, read_manifest
+    from ckptio.errors import CorruptCheckpointError
+    from ckptio.formats.native import BLOCK, NativeReader
+
+    state = {"big": torch.arange(3 * BLOCK // 4 + 7, dtype=torch.float32), "small": torch.full((5, 3), 2.5)}
+    url = str(tmp_path / "ckpt")
+    ckptio.save(state, url)
+    u, backend = open_backend(url)
+    with backend:
+        manifest = read_manifest(backend, u.path)
+        assert manifest is not None
+        reader = NativeReader(backend, u.path, manifest)
+        items = [(e, torch.empty(e.sizes, dtype=e.dtype)) for e in reader.entries.values() if e.sizes]
+        reader.read_to_device(items, None)
+        got = {e.fqn: dst for e, dst in items}
+        assert torch.equal(got["big"], state["big"]) and torch.equal(got["small"], state["small"])
+        big = next(e for e, _ in items if e.fqn == "big")
+        with open(tmp_path / "ckpt" / big.file, "r+b") as f:
+            f.seek(big.pos + BLOCK + 3)
+            byte = f.read(1)
+            f.seek(big.pos + BLOCK + 3)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+            reader.read_to_device([(big, torch.empty(big.sizes, dtype=big.dtype))], None)

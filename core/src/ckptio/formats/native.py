@@ -18,6 +18,7 @@ no intermediate ``torch.load``; resharding falls back to a bounded temporary per
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import operator
@@ -48,6 +49,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 
 from .._buffers import as_cpu_contiguous, tensor_memoryview
+from .._device import DeviceWriter
 from ..backend import Backend
 from ..errors import CorruptCheckpointError
 from ..hookspecs import hookimpl
@@ -586,6 +588,7 @@ class NativeReader(FormatReader):
         into it, block by block in parallel (each block hashed while hot in cache); the rest
         (resharding, dtype or device changes) go through one temporary per chunk."""
         direct: list[tuple[ReadItem, torch.Tensor]] = []
+        to_device: list[tuple[_Entry, torch.Tensor]] = []  # whole chunks into accelerator memory
         tasks: list[tuple[int, Any]] = []  # (bytes, (function, *args))
         todo = sorted(((self._entry(r), r) for r in plan.items), key=lambda er: (er[0].file, er[0].pos))
         self._sizes.check(e.file for e, _ in todo)
@@ -600,17 +603,22 @@ class NativeReader(FormatReader):
                 direct.append((req, dst))
                 view = tensor_memoryview(dst)
                 tasks.extend((min(BLOCK, e.length), (self._read_block, e, view, k)) for k in e.blocks())
+            elif whole and dst.is_contiguous() and dst.dtype == e.dtype:
+                direct.append((req, dst))
+                to_device.append((e, dst))
             else:
                 tasks.append((e.length, (self._read_resharded, req, e, dst, planner)))
             self.bytes_read += e.length
         self._bar = Progress(self.bytes_read, "ckptio load", enable=self._progress, delay=2.0)
         try:
             batches = _batches(tasks)
-            if self.thread_count == 1 or len(batches) <= 1:
+            if self.thread_count == 1 or (len(batches) <= 1 and not to_device):
+                self.read_to_device(to_device, None)
                 for batch in batches:
                     _run(batch)
             else:
                 with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-read") as pool:
+                    self.read_to_device(to_device, pool)  # before the host tasks take the pool
                     for f in [pool.submit(_run, batch) for batch in batches]:
                         f.result()
         finally:
@@ -625,11 +633,27 @@ class NativeReader(FormatReader):
         off = tuple(req.storage_index.offset) if req.storage_index.offset is not None else None
         return self.entries[(req.storage_index.fqn, off)]
 
+    def read_to_device(
+        self, items: list[tuple[_Entry, torch.Tensor]], pool: ThreadPoolExecutor | None
+    ) -> None:
+        """Fill accelerator tensors through pinned bounce buffers (:class:`ckptio._device.DeviceWriter`):
+        disk or network reads overlap the host-to-device copies, and the host never holds more
+        than the bounce buffers of the checkpoint. Each piece is verified as it is read."""
+        if not items:
+            return
+        with DeviceWriter(items[0][1].device, piece_bytes=BLOCK, read_pool=pool) as writer:
+            for e, dst in items:
+                writer.copy_into(dst, functools.partial(self._read_piece, e))
+
     def _read_block(self, e: _Entry, view: memoryview, k: int) -> None:
-        piece = view[k * BLOCK : (k + 1) * BLOCK]
+        self._read_piece(e, k * BLOCK, view[k * BLOCK : (k + 1) * BLOCK])
+
+    def _read_piece(self, e: _Entry, off: int, piece: memoryview) -> None:
+        """Read ``piece`` from chunk ``e`` at byte ``off`` (a multiple of :data:`BLOCK`), verified."""
+        k = off // BLOCK
         fpath = self.backend.join(self.path, e.file)
         try:
-            self.backend.read_into(fpath, e.pos + k * BLOCK, piece)
+            self.backend.read_into(fpath, e.pos + off, piece)
         except FileNotFoundError as exc:  # deleted since its size was checked
             raise missing_file(self.backend, fpath, exc) from exc
         self._bar.update(len(piece))
