@@ -162,6 +162,24 @@ def test_consolidate_native_source_and_replaces_destination_only_when_told(tmp_p
     assert (tmp_path / "empty" / "model.safetensors.index.json").exists()
 
 
+def test_consolidate_requires_checksums_unless_verify_is_off(tmp_path: Path) -> None:
+    """A null checksum is corruption; ``verify=False`` is the explicit opt-out, as for ``load``."""
+    from ..reliability._ckpt import read_manifest_json, write_signed_manifest
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    src = tmp_path / "native"
+    ckptio.save({"model": ckptio.ModelState(model)}, str(src))
+    body = read_manifest_json(src)
+    for entry in body["format_metadata"]["storage"]:
+        entry["xxh3"] = None
+    write_signed_manifest(src, body)
+    with pytest.raises(ckptio.CorruptCheckpointError, match="checksum"):
+        ckptio_safetensors.consolidate(str(src), str(tmp_path / "hf"), progress=False)
+    ckptio_safetensors.consolidate(str(src), str(tmp_path / "hf"), progress=False, verify=False)
+    merged = _merged(tmp_path / "hf")
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+
+
 def test_reconsolidation_replaces_an_export_in_one_rename(tmp_path: Path) -> None:
     """A second export with another shard layout replaces the first whole: no shard of the old
     layout survives beside the new index (the mix that SIGKILL or a smaller model used to leave)."""

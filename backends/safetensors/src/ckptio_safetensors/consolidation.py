@@ -77,7 +77,10 @@ class Source:
     native_hashes: dict[tuple[str, tuple[int, ...] | None], Any] = field(default_factory=dict)
 
 
-def _open_source(url: str, group: str | None, storage_options: dict[str, Any] | None) -> Source:
+def _open_source(
+    url: str, group: str | None, storage_options: dict[str, Any] | None, verify: bool = True
+) -> Source:
+    """The tensors of a checkpoint to consolidate; checksums are required only when ``verify``."""
     u, backend = open_backend(url, storage_options)
     manifest = read_manifest(backend, u.path)
     native_hashes: dict[tuple[str, tuple[int, ...] | None], Any] = {}
@@ -87,11 +90,11 @@ def _open_source(url: str, group: str | None, storage_options: dict[str, Any] | 
         md, entries = foreign_metadata(backend, u.path)
         names = {fqn: fqn for fqn in md.state_dict_metadata}
     elif manifest.format == "safetensors":
-        md, entries = manifest_metadata(manifest, backend.url(u.path))
+        md, entries = manifest_metadata(manifest, backend.url(u.path), require_checksums=verify)
         names = _select_group(manifest, md, group)
     elif manifest.format == "native":
         md, native_entries = _native.metadata_from_json(
-            manifest.format_metadata, manifest.files, backend.url(u.path)
+            manifest.format_metadata, manifest.files, backend.url(u.path), require_checksums=verify
         )
         entries = {}
         for key, e in native_entries.items():
@@ -403,7 +406,7 @@ def consolidate(
     """
     pg = process_group
     rank, world = _dist.rank_and_size(pg) if pg is not None else (0, 1)
-    src = _open_source(src_url, group, storage_options)
+    src = _open_source(src_url, group, storage_options, verify)
     cast = parse_cast(cast_dtype)
     dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
     ref_map = None
