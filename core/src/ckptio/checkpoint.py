@@ -238,11 +238,14 @@ def save_checkpoint(
     is_final: bool = False,
     run_after_commit: bool = True,
     addon_state: dict[str, Any] | None = None,
-    path: str | None = None,
     **format_options: Any,
 ) -> tuple[SaveResult, AddonContext]:
     """The full save protocol (see the module docstring). Returns the result and the addon
-    context (the manager runs ``after_commit`` itself when saving in the background)."""
+    context (the manager runs ``after_commit`` itself when saving in the background).
+
+    A ``backend`` passed in comes with its URL from :func:`open_backend`, which resolved the
+    user's own symlinks once; nothing below that URL is resolved again, so a symlink planted as
+    a manager's ``step_N`` never leads a save elsewhere."""
     t0 = time.perf_counter()
     u = parse_url(url)
     if backend is None:
@@ -254,9 +257,7 @@ def save_checkpoint(
     # everything a user can get wrong is refused before a byte is written
     stored_metrics = check_metrics(metrics)
     stored_user = check_user_metadata(user_metadata)
-    # the user's own symlinks in the URL are followed once; ``path`` is already resolved (a
-    # manager's step: a symlink planted as step_N must never lead the save elsewhere)
-    final = backend.resolve(u.path) if path is None else path
+    final = u.path
 
     target: Target | None = None  # the coordinator's publication; other ranks only write
 
@@ -416,7 +417,6 @@ def load_checkpoint(
     addons: AddonSet | None = None,
     storage_options: dict[str, Any] | None = None,
     step: int | None = None,
-    path: str | None = None,
     **format_options: Any,
 ) -> LoadResult:
     """Load the checkpoint at ``url`` into ``state`` in place (resharding as needed)."""
@@ -427,7 +427,7 @@ def load_checkpoint(
     pg = process_group
     rank, world = _dist.rank_and_size(pg)
     addons = addons or AddonSet()
-    path = backend.resolve(u.path) if path is None else path
+    path = u.path
 
     def touch() -> Manifest | None:
         try:  # an interrupted replacement of this URL is finished before reading it

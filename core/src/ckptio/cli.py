@@ -821,7 +821,7 @@ def cmd_rm(args: argparse.Namespace, ctx: Ctx) -> int:
     remaining: list[int] = []
     busy: list[dict[str, Any]] = []
     try:
-        backend, root = mgr.backend, mgr.root_path
+        backend, root = mgr.backend, mgr.root.path
         all_steps = mgr.all_steps()  # committed or not, leftovers included
         known = set(all_steps)
         if not known:

@@ -94,7 +94,6 @@ class CheckpointManager:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight!r}: must be >= 1")
         self.root, self.backend = open_backend(root_url, storage_options)
-        self.root_path = self.backend.resolve(self.root.path)
         self.takeover = takeover
         self._run_lock: Heartbeat | None = None
         self.retention = retention or KeepAll()
@@ -128,7 +127,7 @@ class CheckpointManager:
 
     # -- discovery ----------------------------------------------------------------------------
     def _step_path(self, step: int) -> str:
-        return self.backend.join(self.root_path, step_name(step))
+        return self.backend.join(self.root.path, step_name(step))
 
     def url_of(self, step: int) -> URL:
         """The URL of one step's checkpoint."""
@@ -140,7 +139,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
         out = []
-        for name in self.backend.listdir(self.root_path):
+        for name in self.backend.listdir(self.root.path):
             m = _STEP_RE.match(name)
             if m and self._is_committed(int(m.group(1))):
                 out.append(int(m.group(1)))
@@ -149,7 +148,7 @@ class CheckpointManager:
     def all_steps(self) -> dict[int, bool]:
         """Every step directory seen, committed or not (``ckptio ls``)."""
         out: dict[int, bool] = {}
-        for name in self.backend.listdir(self.root_path):
+        for name in self.backend.listdir(self.root.path):
             parsed = parse_leftover(name)
             m = _STEP_RE.match(parsed[0] if parsed else name)
             if m:
@@ -161,7 +160,7 @@ class CheckpointManager:
         """The newest committed step: the ``latest`` pointer when valid, else a scan."""
         try:
             text = (
-                self.backend.read_bytes(self.backend.join(self.root_path, LATEST_NAME), 0, 64)
+                self.backend.read_bytes(self.backend.join(self.root.path, LATEST_NAME), 0, 64)
                 .decode()
                 .strip()
             )
@@ -199,7 +198,7 @@ class CheckpointManager:
 
     # -- the run lock -------------------------------------------------------------------------
     def _lock_path(self) -> str:
-        return self.backend.join(self.root_path, LOCK_NAME)
+        return self.backend.join(self.root.path, LOCK_NAME)
 
     def _acquire(self) -> None:
         """Hold the run lock (coordinator only): one live writer per series root."""
@@ -246,10 +245,10 @@ class CheckpointManager:
 
     def _remove_stale_temps(self) -> None:
         """Temporary files of an interrupted ``latest`` rewrite (only the lock holder writes it)."""
-        for name in self.backend.listdir(self.root_path):
+        for name in self.backend.listdir(self.root.path):
             if name.startswith(f".{LATEST_NAME}.") and name.endswith(".tmp"):
                 try:
-                    self.backend.remove(self.backend.join(self.root_path, name))
+                    self.backend.remove(self.backend.join(self.root.path, name))
                 except CheckpointError as exc:
                     log.warning("could not remove %s: %s", name, exc)
 
@@ -268,8 +267,8 @@ class CheckpointManager:
         may be the newest good checkpoint. Only leftovers of dead writers are touched.
         """
         names = {
-            self.backend.join(self.root_path, p[0])
-            for e in self.backend.listdir(self.root_path)
+            self.backend.join(self.root.path, p[0])
+            for e in self.backend.listdir(self.root.path)
             if (p := parse_leftover(e)) and p[2] == OLD_SUFFIX and _STEP_RE.match(p[0])
         }
         for path in sorted(names):
@@ -289,12 +288,12 @@ class CheckpointManager:
         def clean() -> None:
             leftovers: set[str] = set()  # step names with staging/moved-aside/lease entries
             step_dirs: list[str] = []
-            for entry in self.backend.listdir(self.root_path):
+            for entry in self.backend.listdir(self.root.path):
                 parsed = parse_leftover(entry)
                 m = _STEP_RE.match(parsed[0] if parsed else entry)
                 if m is None or int(m.group(1)) in keep:
                     continue
-                path = self.backend.join(self.root_path, m.group(0))
+                path = self.backend.join(self.root.path, m.group(0))
                 with self._lock:
                     if path in self._deleting:  # retention's thread is on it
                         continue
@@ -304,7 +303,7 @@ class CheckpointManager:
                     step_dirs.append(path)
             for name in sorted(leftovers):
                 try:
-                    recover(self.backend, self.backend.join(self.root_path, name))
+                    recover(self.backend, self.backend.join(self.root.path, name))
                 except CheckpointError as exc:  # leftovers are invisible; never fail a save over them
                     log.warning("could not clean leftovers of %s: %s", name, exc)
             # a step directory without a manifest is a deletion cut short (the manifest goes first)
@@ -401,7 +400,6 @@ class CheckpointManager:
             user_metadata=metadata,
             is_final=final,
             addon_state=user_state,
-            path=self._step_path(step),
             **options,
         )
         if staging is not None:
@@ -418,7 +416,7 @@ class CheckpointManager:
         def publish() -> None:
             try:
                 self.backend.write_bytes(
-                    self.backend.join(self.root_path, LATEST_NAME), (step_name(step) + "\n").encode()
+                    self.backend.join(self.root.path, LATEST_NAME), (step_name(step) + "\n").encode()
                 )
             except CheckpointError as exc:
                 # the step is committed; the pointer is only a hint (latest_step() scans without it)
@@ -520,7 +518,6 @@ class CheckpointManager:
             process_group=self.process_group,
             addons=self.addons,
             step=resolved,
-            path=self._step_path(resolved),
         )
         self.resumed_from = resolved
         return result
