@@ -224,8 +224,9 @@ class CheckpointManager:
                         "pass takeover=True (CLI: --takeover) to take the run over",
                         holder,
                     )
-                if holder:
-                    log.warning(
+                if holder:  # a dead holder is routine after a crash; a live one is worth a warning
+                    log.log(
+                        logging.WARNING if alive else logging.INFO,
                         "taking over %s from %s (host %r, pid %s)",
                         self.root,
                         "a live process" if alive else "a dead process",
