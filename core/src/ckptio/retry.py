@@ -129,6 +129,21 @@ def conditional_outcome(exc: BaseException) -> str | None:
     return None
 
 
+def after_conditional_failure(exc: BaseException, attempt: int, policy: RetryPolicy) -> str:
+    """What a conditional create does after ``exc`` on try ``attempt`` (0-based), one rule for
+    every backend: ``"exists"`` (look whose object is there: a put whose answer was lost may be
+    ours), ``"lost"`` (another create still holds the key after the last try), ``"retry"``
+    (after ``policy.delay(attempt)``), or ``"raise"`` (a permanent error, or tries exhausted).
+    """
+    outcome = conditional_outcome(exc)
+    if outcome == "exists":
+        return "exists"
+    last = attempt + 1 >= policy.attempts
+    if outcome == "conflict":  # another conditional put of this key is in flight
+        return "lost" if last else "retry"
+    return "raise" if classify(exc) != "transient" or last else "retry"
+
+
 def _classify_one(exc: BaseException) -> Kind | None:
     status, code = _status_and_code(exc)
     if code in AUTH_CODES or status in (401, 403):

@@ -47,7 +47,14 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from ckptio.backend import Backend
 from ckptio.errors import BackendNotFoundError, CheckpointError, CorruptCheckpointError
-from ckptio.retry import ErrorMapper, RetryPolicy, aretry_call, classify, conditional_outcome, retry_call
+from ckptio.retry import (
+    ErrorMapper,
+    RetryPolicy,
+    after_conditional_failure,
+    aretry_call,
+    classify,
+    retry_call,
+)
 from ckptio.url import URL
 
 T = TypeVar("T")
@@ -392,14 +399,12 @@ class S3Backend(FsspecBackend):
                 except CheckpointError:
                     raise
                 except Exception as exc:
-                    outcome = conditional_outcome(exc)
-                    if outcome == "exists":
+                    action = after_conditional_failure(exc, attempt, self.policy)
+                    if action == "exists":
                         return await holds_ours()
-                    last = attempt + 1 >= self.policy.attempts
-                    if outcome == "conflict":  # another conditional put of this key is in flight
-                        if last:
-                            return False
-                    elif classify(exc) != "transient" or last:
+                    if action == "lost":
+                        return False
+                    if action == "raise":
                         raise self.errors.to_ckptio(exc, "create", url, attempt + 1) from exc
                     await asyncio.sleep(self.policy.delay(attempt))
             return False  # pragma: no cover - the loop returns or raises

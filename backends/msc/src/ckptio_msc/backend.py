@@ -53,7 +53,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from ckptio.backend import Backend
 from ckptio.errors import CheckpointError, CorruptCheckpointError, InvalidURLError, StorageError
-from ckptio.retry import ErrorMapper, RetryPolicy, classify, conditional_outcome, retry_call
+from ckptio.retry import ErrorMapper, RetryPolicy, after_conditional_failure, retry_call
 from ckptio.url import URL
 from ckptio_local import LocalBackend
 
@@ -337,14 +337,12 @@ class MscS3Backend(MscBackend):
                 s3.put_object(Bucket=bucket, Key=okey, Body=body, IfNoneMatch="*")
                 return True
             except Exception as exc:
-                outcome = conditional_outcome(exc)
-                if outcome == "exists":
+                action = after_conditional_failure(exc, attempt, self.policy)
+                if action == "exists":
                     return self._holds(s3, bucket, okey, body)
-                last = attempt + 1 >= self.policy.attempts
-                if outcome == "conflict":  # another conditional put of this key is in flight
-                    if last:
-                        return False
-                elif classify(exc) != "transient" or last:
+                if action == "lost":
+                    return False
+                if action == "raise":
                     raise self.errors.to_ckptio(exc, "create", url, attempt + 1) from exc
                 time.sleep(self.policy.delay(attempt))
         return False  # pragma: no cover - the loop returns or raises
