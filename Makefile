@@ -38,6 +38,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check core backends plugins tests benchmarks examples
+	$(BIN)/lint-imports --no-cache
 
 SRC_PKGS := $(patsubst %/__init__.py,%,$(wildcard $(addsuffix /src/*/__init__.py,$(DISTS))))
 empty :=

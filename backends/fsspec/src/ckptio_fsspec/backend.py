@@ -45,9 +45,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
-from ckptio.backend import Backend
 from ckptio.errors import BackendNotFoundError, CheckpointError, CorruptCheckpointError
-from ckptio.retry import (
+from ckptio.ext import (
+    URL,
+    Backend,
     ErrorMapper,
     RetryPolicy,
     after_conditional_failure,
@@ -55,7 +56,6 @@ from ckptio.retry import (
     classify,
     retry_call,
 )
-from ckptio.url import URL
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptio.hookspecs import hookimpl
+from ckptio.ext import hookimpl
 
 FACTORY = "ckptio_fsspec.backend:FsspecBackend"
 #: schemes whose class declares an atomic ``create_bytes``

@@ -22,7 +22,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ckptio.errors import CheckpointError, StorageError
-from ckptio.retry import aretry_call
+from ckptio.ext import aretry_call
 
 if TYPE_CHECKING:
     from .backend import FsspecBackend

@@ -52,7 +52,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-from ckptio.backend import Backend
 from ckptio.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -61,7 +60,7 @@ from ckptio.errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from ckptio.url import URL
+from ckptio.ext import URL, Backend
 
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{8,32}\.tmp$")
 

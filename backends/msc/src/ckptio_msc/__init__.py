@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ckptio._lazy import lazy_exports
+from ckptio.ext import lazy_exports
 
 if TYPE_CHECKING:  # the names below are imported on first use (see ckptio._lazy)
     from .backend import MscBackend, MscPosixBackend, MscS3Backend, open_msc_backend

@@ -51,10 +51,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, BinaryIO, TypeVar
 
-from ckptio.backend import Backend
 from ckptio.errors import CheckpointError, CorruptCheckpointError, InvalidURLError, StorageError
-from ckptio.retry import ErrorMapper, RetryPolicy, after_conditional_failure, retry_call
-from ckptio.url import URL
+from ckptio.ext import URL, Backend, ErrorMapper, RetryPolicy, after_conditional_failure, retry_call
 from ckptio_local import LocalBackend
 
 T = TypeVar("T")

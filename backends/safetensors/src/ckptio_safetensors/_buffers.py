@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from ckptio._buffers import tensor_memoryview
-from ckptio.backend import Backend
+from ckptio.ext import Backend, tensor_memoryview
 
 
 def band_read(

@@ -21,9 +21,8 @@ from typing import Any, BinaryIO
 
 import torch
 import xxhash
-from ckptio._buffers import as_cpu_contiguous, tensor_memoryview
-from ckptio.backend import Backend
 from ckptio.errors import CorruptCheckpointError, StateMismatchError
+from ckptio.ext import Backend, as_cpu_contiguous, tensor_memoryview
 
 #: safetensors dtype codes for every torch dtype both sides support.
 DTYPE_TO_CODE: dict[torch.dtype, str] = {

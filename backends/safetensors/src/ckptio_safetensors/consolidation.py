@@ -36,15 +36,20 @@ from typing import Any
 
 import torch
 import xxhash
-from ckptio import _dist
-from ckptio._buffers import tensor_memoryview
-from ckptio.backend import Backend, read_limited
-from ckptio.checkpoint import open_backend, read_manifest
-from ckptio.commit import Target, recover
+from ckptio import ext
 from ckptio.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ckptio.formats import native as _native
-from ckptio.staging import _huge_page_empty
-from ckptio.url import parse_url
+from ckptio.ext import (
+    Backend,
+    Target,
+    huge_page_empty,
+    metadata_from_json,
+    open_backend,
+    parse_url,
+    read_limited,
+    read_manifest,
+    recover,
+    tensor_memoryview,
+)
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ._header import HeaderEntry, encode_header, layout, read_header
@@ -93,7 +98,7 @@ def _open_source(
         md, entries = manifest_metadata(manifest, backend.url(u.path), require_checksums=verify)
         names = _select_group(manifest, md, group)
     elif manifest.format == "native":
-        md, native_entries = _native.metadata_from_json(
+        md, native_entries = metadata_from_json(
             manifest.format_metadata, manifest.files, backend.url(u.path), require_checksums=verify
         )
         entries = {}
@@ -255,7 +260,7 @@ def _hash_ok(view: memoryview, expected: Any) -> bool:
         return True
     if isinstance(expected, str):
         return xxhash.xxh3_64_hexdigest(view) == expected
-    block = int(getattr(_native, "BLOCK", 0)) or len(view) or 1
+    block = ext.CHECKSUM_BLOCK or len(view) or 1
     pieces = [view[k : k + block] for k in range(0, max(1, len(view)), block)]
     return len(pieces) == len(expected) and all(
         xxhash.xxh3_64_hexdigest(p) == h for p, h in zip(pieces, expected)
@@ -275,7 +280,7 @@ class _Ring:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.buf = _huge_page_empty(torch.Size([capacity]), torch.uint8)
+        self.buf = huge_page_empty(torch.Size([capacity]), torch.uint8)
         self.live: collections.deque[list[int]] = collections.deque()  # [start, end), oldest first
         self.head = 0
 
@@ -405,7 +410,7 @@ def consolidate(
     :returns: the index dict (``{"metadata": {"total_size"}, "weight_map"}``).
     """
     pg = process_group
-    rank, world = _dist.rank_and_size(pg) if pg is not None else (0, 1)
+    rank, world = ext.rank_and_size(pg) if pg is not None else (0, 1)
     src = _open_source(src_url, group, storage_options, verify)
     cast = parse_cast(cast_dtype)
     dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
@@ -472,7 +477,7 @@ def consolidate(
             raise
     finally:
         bar.close()
-    failures = [e for e in (_dist.all_gather(error, pg) if pg is not None else [error]) if e]
+    failures = [e for e in (ext.all_gather(error, pg) if pg is not None else [error]) if e]
     if failures:
         _on_coordinator(abort, pg)
         raise CheckpointError("consolidation failed: " + "; ".join(failures))
@@ -525,7 +530,7 @@ def _share(fn: Any, pg: Any) -> Any:
     """Run ``fn`` on the coordinator and hand its result to every rank."""
     if pg is None:
         return fn()
-    return _dist.on_coordinator(fn, pg, share_result=True)
+    return ext.on_coordinator(fn, pg, share_result=True)
 
 
 def _on_coordinator(fn: Any, pg: Any) -> None:
@@ -534,7 +539,7 @@ def _on_coordinator(fn: Any, pg: Any) -> None:
     if pg is None:
         fn()
     else:
-        _dist.on_coordinator(fn, pg)
+        ext.on_coordinator(fn, pg)
 
 
 class _NoBar:

@@ -21,21 +21,25 @@ from typing import Any
 
 import torch
 import xxhash
-from ckptio._buffers import tensor_memoryview
-from ckptio.backend import Backend, read_limited
 from ckptio.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
-from ckptio.formats.base import (
+from ckptio.ext import (
+    Backend,
     FileSizeChecker,
     Format,
     FormatReader,
     FormatWriter,
+    Manifest,
     TensorEntry,
     is_first_rank,
+    metadata_from_json,
+    metadata_to_json,
     missing_file,
+    read_limited,
+    split_by_size,
     tensor_entries,
+    tensor_memoryview,
+    tiling_problem,
 )
-from ckptio.formats.native import _split_by_size, metadata_from_json, metadata_to_json, tiling_problem
-from ckptio.manifest import Manifest
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -121,7 +125,7 @@ class SafetensorsWriter(FormatWriter):
         for group, pairs in sorted(by_group.items()):
             names = {id(it): nm for it, nm in pairs}
             group_bytes = sum(_item_bytes(it) for it, _ in pairs)
-            buckets = _split_by_size([it for it, _ in pairs], n_threads if group_bytes >= SPLIT_BYTES else 1)
+            buckets = split_by_size([it for it, _ in pairs], n_threads if group_bytes >= SPLIT_BYTES else 1)
             for k, bucket in enumerate(buckets):
                 fname = group_file(group, f"rank{rank:05d}-{k:02d}.safetensors")
                 jobs.append((fname, group, [(it, names[id(it)]) for it in bucket]))

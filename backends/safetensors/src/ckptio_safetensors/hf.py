@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from ckptio.backend import Backend
 from ckptio.errors import CheckpointError
+from ckptio.ext import Backend
 
 from ._header import HeaderEntry, encode_header, layout, nbytes_of, stream_tensors
 

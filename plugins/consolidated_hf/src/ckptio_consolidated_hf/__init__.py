@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ckptio._lazy import lazy_exports
+from ckptio.ext import lazy_exports
 
 if TYPE_CHECKING:  # the names below are imported on first use (see ckptio._lazy)
     from .addon import ConsolidatedHFAddon, reference_layout, tied_aliases

@@ -40,14 +40,18 @@ import logging
 from typing import Any
 
 import torch
-from ckptio import _dist
-from ckptio.addons import AddonContext, addon_hook, pretrained_files
-from ckptio.backend import Backend
-from ckptio.checkpoint import open_backend
-from ckptio.commit import Target
+from ckptio import ext
 from ckptio.errors import CheckpointError
-from ckptio.gather import full_tensor
-from ckptio.state import ModelState
+from ckptio.ext import (
+    AddonContext,
+    Backend,
+    ModelState,
+    Target,
+    addon_hook,
+    full_tensor,
+    open_backend,
+    pretrained_files,
+)
 from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("ckptio.consolidated_hf")
@@ -209,7 +213,7 @@ class ConsolidatedHFAddon:
                 target.abort()
 
         try:
-            shared = _dist.on_coordinator(prepare, pg, share_result=True)
+            shared = ext.on_coordinator(prepare, pg, share_result=True)
         except BaseException:
             abort()
             raise
@@ -229,7 +233,7 @@ class ConsolidatedHFAddon:
             target.commit(None)  # the index is already the last file written; one rename
             log.info("consolidated-hf: wrote %s", backend.url(final))
 
-        _dist.on_coordinator(publish, pg)
+        ext.on_coordinator(publish, pg)
 
     # -- parts ---------------------------------------------------------------------------------
     def _metadata_files(self, model: torch.nn.Module | None) -> dict[str, bytes]:
@@ -278,7 +282,7 @@ class ConsolidatedHFAddon:
                 reference_index=ref_index,
             )
 
-        _dist.on_coordinator(write, ctx.process_group)
+        ext.on_coordinator(write, ctx.process_group)
 
     def _from_checkpoint(
         self, ctx: AddonContext, key: str, work: str, ref_index: dict[str, Any] | None

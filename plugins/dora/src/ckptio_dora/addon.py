@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ckptio.addons import AddonContext
+from ckptio.ext import AddonContext
 
 from .names import LEGACY_ADAPTER, legacy_key, module_of, to_hf_key
 
@@ -32,7 +32,7 @@ def _stored_names(ctx: AddonContext) -> set[str] | None:
     if ctx.manifest is None:
         return None
     try:
-        from ckptio.plugins import get_format
+        from ckptio.ext import get_format
 
         entries = get_format(ctx.manifest.format).tensors(ctx.backend, ctx.path, ctx.manifest)
     except Exception as exc:  # listing is an optimisation; fall back to the manifest's addon list

@@ -23,9 +23,8 @@ from typing import Any
 import ckptio_dora
 import safetensors.torch
 import torch
-from ckptio.backend import Backend
-from ckptio.checkpoint import open_backend
 from ckptio.errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
+from ckptio.ext import Backend, open_backend
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 

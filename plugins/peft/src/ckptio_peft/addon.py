@@ -33,10 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ckptio.addons import AddonContext, pretrained_files
 from ckptio.errors import CheckpointError
-from ckptio.gather import full_tensor
-from ckptio.state import ModelState
+from ckptio.ext import AddonContext, ModelState, full_tensor, pretrained_files
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from .adapter import (

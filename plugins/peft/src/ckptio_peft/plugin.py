@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptio.hookspecs import hookimpl
+from ckptio.ext import hookimpl
 
 
 @hookimpl

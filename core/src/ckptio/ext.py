@@ -1,0 +1,108 @@
+"""The extension API: everything a backend, format or addon author needs from ckptio's core.
+
+Plugins (every distribution under ``backends/`` and ``plugins/``, and third-party ones) import
+from ``ckptio``, ``ckptio.ext`` and ``ckptio.errors`` only. The core's other modules are free to
+change shape between releases; the names below are kept stable, or deprecated first. ``make
+test`` enforces the rule with an import-linter contract (``[tool.importlinter]`` in the root
+``pyproject.toml``).
+
+Groups:
+
+- **backends**: :class:`Backend`, :func:`read_limited`, the commit protocol's :class:`Target` and
+  :func:`recover`, and the retry machinery (:class:`RetryPolicy`, :func:`retry_call`...).
+- **formats**: :class:`Format` and its reader/writer bases, the DCP metadata helpers the native
+  format uses, :func:`split_by_size` and :func:`huge_page_empty` for writers' buffers.
+- **addons**: :class:`AddonContext`, :func:`addon_hook`, :func:`pretrained_files`.
+- **distributed helpers**: :func:`rank_and_size`, :func:`on_coordinator`, :func:`all_gather`,
+  :func:`broadcast`, :func:`any_failed`, each a no-op on one process.
+- **plumbing**: :func:`lazy_exports` (cheap package ``__init__``), :func:`tensor_memoryview`,
+  :func:`as_cpu_contiguous`, :func:`full_tensor`, :func:`open_backend`, :func:`read_manifest`.
+"""
+
+from __future__ import annotations
+
+from ._buffers import as_cpu_contiguous, tensor_memoryview
+from ._dist import active as dist_active
+from ._dist import all_gather, any_failed, broadcast, on_coordinator, rank_and_size
+from ._lazy import lazy_exports
+from .addons import AddonContext, addon_hook, pretrained_files
+from .backend import Backend, CommitMode, read_limited
+from .checkpoint import open_backend, read_manifest
+from .commit import Target, recover
+from .formats.base import (
+    FileSizeChecker,
+    Format,
+    FormatReader,
+    FormatWriter,
+    TensorEntry,
+    is_first_rank,
+    missing_file,
+    tensor_entries,
+)
+from .formats.native import BLOCK as CHECKSUM_BLOCK
+from .formats.native import _split_by_size as split_by_size
+from .formats.native import metadata_from_json, metadata_to_json, tiling_problem
+from .gather import full_tensor
+from .hookspecs import hookimpl
+from .manifest import Manifest
+from .plugins import get_format
+from .retry import (
+    ErrorMapper,
+    RetryPolicy,
+    after_conditional_failure,
+    aretry_call,
+    classify,
+    retry_call,
+)
+from .staging import _huge_page_empty as huge_page_empty
+from .state import ModelState
+from .url import URL, parse_url
+
+__all__ = [
+    "CHECKSUM_BLOCK",
+    "URL",
+    "AddonContext",
+    "Backend",
+    "CommitMode",
+    "ErrorMapper",
+    "FileSizeChecker",
+    "Format",
+    "FormatReader",
+    "FormatWriter",
+    "Manifest",
+    "ModelState",
+    "RetryPolicy",
+    "Target",
+    "TensorEntry",
+    "addon_hook",
+    "after_conditional_failure",
+    "all_gather",
+    "any_failed",
+    "aretry_call",
+    "as_cpu_contiguous",
+    "broadcast",
+    "classify",
+    "dist_active",
+    "full_tensor",
+    "get_format",
+    "hookimpl",
+    "huge_page_empty",
+    "is_first_rank",
+    "lazy_exports",
+    "metadata_from_json",
+    "metadata_to_json",
+    "missing_file",
+    "on_coordinator",
+    "open_backend",
+    "parse_url",
+    "pretrained_files",
+    "rank_and_size",
+    "read_limited",
+    "read_manifest",
+    "recover",
+    "retry_call",
+    "split_by_size",
+    "tensor_entries",
+    "tensor_memoryview",
+    "tiling_problem",
+]
