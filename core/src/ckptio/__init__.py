@@ -11,10 +11,14 @@ Quick start::
         mgr.save(step, state, metrics={"loss": loss})
 """
 
-from .addons import AddonContext, AddonSpec, addon_hook
+from typing import Any as _Any
+
+from .addons import AddonContext, AddonHooks, AddonLike, addon_hook
 from .api import load, manifest, save, verify
 from .backend import Backend, CommitMode
 from .checkpoint import LoadResult, SaveResult
+from .copying import CopyResult, copy
+from .dcp import storage_reader, storage_writer
 from .errors import (
     AddonNotFoundError,
     AsyncSaveError,
@@ -26,6 +30,7 @@ from .errors import (
     FormatNotFoundError,
     IncompleteCheckpointError,
     InvalidURLError,
+    OptionError,
     PluginError,
     RunLockedError,
     StateMismatchError,
@@ -38,6 +43,7 @@ from .hookspecs import hookimpl
 from .manager import CheckpointManager
 from .manifest import Manifest
 from .plugins import list_plugins, register_addon, register_backend, register_format, register_plugin
+from .reading import load_state
 from .retention import KeepBest, KeepEvery, KeepLatest, RetentionPolicy
 from .state import ModelState, OptimizerState, PerRank, RNGState
 from .url import URL, parse_url
@@ -47,8 +53,9 @@ __version__ = "0.1.0"
 __all__ = [
     "URL",
     "AddonContext",
+    "AddonHooks",
+    "AddonLike",
     "AddonNotFoundError",
-    "AddonSpec",
     "AsyncSaveError",
     "Backend",
     "BackendNotFoundError",
@@ -56,6 +63,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "ConcurrentWriteError",
+    "CopyResult",
     "CommitMode",
     "CorruptCheckpointError",
     "Format",
@@ -71,6 +79,7 @@ __all__ = [
     "Manifest",
     "ModelState",
     "OptimizerState",
+    "OptionError",
     "PerRank",
     "PluginError",
     "RunLockedError",
@@ -83,9 +92,11 @@ __all__ = [
     "TensorEntry",
     "UnsafeCheckpointError",
     "addon_hook",
+    "copy",
     "hookimpl",
     "list_plugins",
     "load",
+    "load_state",
     "manifest",
     "parse_url",
     "register_addon",
@@ -93,5 +104,19 @@ __all__ = [
     "register_format",
     "register_plugin",
     "save",
+    "storage_reader",
+    "storage_writer",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    """Old public names, kept working with a :class:`DeprecationWarning`."""
+    if name == "AddonSpec":  # the hook specification class: renamed, its meaning unchanged
+        import warnings
+
+        warnings.warn(
+            "ckptio.AddonSpec is deprecated, use ckptio.AddonHooks", DeprecationWarning, stacklevel=2
+        )
+        return AddonHooks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

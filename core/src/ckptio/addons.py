@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,8 +49,8 @@ class AddonContext:
     state: dict[str, Any]
     #: The manifest (load: the stored one; after_commit: the one just written).
     manifest: Manifest | None = None
-    #: The last save of a run (``CheckpointManager.save(..., final=True)`` or ``close()``).
-    is_final: bool = False
+    #: The last save of a run: ``save(..., final=True)`` or ``CheckpointManager.save(..., final=True)``.
+    final: bool = False
     #: Addon-specific values shared between hooks of one operation.
     scratch: dict[str, Any] = field(default_factory=dict)
     #: Files written through :meth:`write_bytes`: name -> {"size", "xxh3"} (goes into the manifest).
@@ -58,6 +59,12 @@ class AddonContext:
     @property
     def is_coordinator(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_final(self) -> bool:
+        """Deprecated: :attr:`final`, the name of the ``save`` argument that sets it."""
+        warnings.warn("AddonContext.is_final is deprecated, use ctx.final", DeprecationWarning, stacklevel=2)
+        return self.final
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write an artifact (relative name, e.g. ``"adapter_config.json"``) into the checkpoint."""
@@ -89,8 +96,12 @@ def pretrained_files(obj: Any) -> dict[str, bytes]:
     return out
 
 
-class AddonSpec:
-    """The hooks. Each is optional; all hooks of all active addons run, in pluggy's order."""
+class AddonHooks:
+    """The hooks an addon may implement (pluggy's hook specification; ``ckptio.AddonSpec`` before).
+
+    Each is optional; all hooks of all active addons run, in pluggy's order. An addon does not
+    need to subclass this class: methods named like these hooks are enough.
+    """
 
     @addon_hookspec
     def on_save_start(self, ctx: AddonContext) -> None:
@@ -126,7 +137,7 @@ class AddonSpec:
         """After the state was restored."""
 
 
-_HOOK_NAMES = {n for n in vars(AddonSpec) if not n.startswith("_")}
+_HOOK_NAMES = {n for n in vars(AddonHooks) if not n.startswith("_")}
 
 
 class _AddonPluginManager(pluggy.PluginManager):
@@ -137,20 +148,22 @@ class _AddonPluginManager(pluggy.PluginManager):
         return opts
 
 
-AddonSpecLike = str | tuple[str, dict[str, Any]] | Any
+#: What ``addons=`` takes, item by item: an installed addon's name, ``(name, {options})``, or an
+#: object implementing some of the :class:`AddonHooks`.
+AddonLike = str | tuple[str, dict[str, Any]] | Any
 
 
 class AddonSet:
     """The addons active for one manager or call, with their hooks."""
 
-    def __init__(self, addons: Iterable[AddonSpecLike] = ()) -> None:
+    def __init__(self, addons: Iterable[AddonLike] = ()) -> None:
         self.pm = _AddonPluginManager("ckptio.addon")
-        self.pm.add_hookspecs(AddonSpec)
+        self.pm.add_hookspecs(AddonHooks)
         self.names: list[str] = []
         for spec in addons:
             self.add(spec)
 
-    def add(self, spec: AddonSpecLike) -> Any:
+    def add(self, spec: AddonLike) -> Any:
         from .plugins import get_addon_factory
 
         if isinstance(spec, str):
@@ -172,3 +185,15 @@ class AddonSet:
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+
+#: Old names, kept working with a :class:`DeprecationWarning`.
+_DEPRECATED = {"AddonSpec": ("AddonHooks", AddonHooks), "AddonSpecLike": ("AddonLike", AddonLike)}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new, value = _DEPRECATED[name]
+        warnings.warn(f"ckptio.addons.{name} is deprecated, use {new}", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

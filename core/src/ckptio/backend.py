@@ -29,6 +29,9 @@ from .url import URL, join_path
 CommitMode = Literal["rename", "marker"]
 
 
+_READ_PIECE = 4 << 20  # the default read_into copies through buffers of at most this size
+
+
 class Backend(abc.ABC):
     """Storage for one URL scheme. Subclasses implement the abstract methods.
 
@@ -130,15 +133,28 @@ class Backend(abc.ABC):
         Backends override this with the fastest path they have (``preadv`` into the destination
         locally, parallel ranged GETs on object stores).
         """
-        data = self.read_bytes(path, offset, len(out))
-        if len(data) != len(out):
+        got = 0
+        with self.open_read(path) as f:  # in bounded pieces: never a second copy of the range
+            f.seek(offset)
+            readinto = getattr(f, "readinto", None)
+            while got < len(out):
+                want = min(len(out) - got, _READ_PIECE)
+                if readinto is not None:
+                    n = readinto(out[got : got + want]) or 0
+                else:
+                    piece = f.read(want)
+                    n = len(piece)
+                    out[got : got + n] = piece
+                if n == 0:
+                    break
+                got += n
+        if got != len(out):
             from .errors import CorruptCheckpointError
 
             raise CorruptCheckpointError(
-                f"{self.url(path)} is truncated: wanted {len(out)} bytes at offset {offset}, got {len(data)}",
+                f"{self.url(path)} is truncated: wanted {len(out)} bytes at offset {offset}, got {got}",
                 path=self.url(path),
             )
-        out[:] = data
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole small file; readers see either the old or the new content, never a mix."""

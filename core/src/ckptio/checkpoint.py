@@ -3,8 +3,9 @@
 The commit protocol, the same for every format:
 
 1. The coordinator prepares the target. ``rename`` backends write into a hidden staging
-   directory ``.<name>.ckptio-partial`` beside the target; ``marker`` backends (object stores)
-   write in place after removing any old ``manifest.json`` (the marker) first.
+   directory ``.<name>.<token>.ckptio-partial`` beside the target; ``marker`` backends (object
+   stores) write in place, into files named with the save's token, after removing any old
+   ``manifest.json`` (the marker) first.
 2. Every rank writes its data (DCP plans, the format writes files through the backend, durably).
 3. The coordinator writes ``manifest.json`` last: the list of files with sizes and checksums,
    the format's metadata and the step's metrics. On ``rename`` backends the staging directory is
@@ -22,8 +23,9 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch.distributed.checkpoint as dcp
 import xxhash
@@ -39,10 +41,12 @@ from .errors import (
     ConcurrentWriteError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    PluginError,
     StateMismatchError,
     translate,
 )
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
+from .options import build_options, check_options, option_names
 from .planner import SafeLoadPlanner, SafeSavePlanner
 from .plugins import backend_factory, format_names, get_format
 from .state import PerRank, RNGState
@@ -152,6 +156,42 @@ def restore_state(state: dict[str, Any], expanded: dict[str, Any], rank: int) ->
             state[key] = loaded
 
 
+# -- options -------------------------------------------------------------------------------
+def build_format_options(fmt: Any, op: Literal["save", "load"], given: Mapping[str, Any] | None) -> Any:
+    """``fmt``'s options for ``op`` from the user's keywords: an instance of its declared
+    :attr:`~ckptio.Format.save_options` or ``load_options``; an undeclared name raises
+    :class:`~ckptio.OptionError` naming the format and the closest declared option."""
+    cls = fmt.save_options if op == "save" else fmt.load_options
+    return build_options(cls, given, f"the {fmt.name} format ({op})")
+
+
+def check_call_options(
+    given: Mapping[str, Any],
+    own: Iterable[str],
+    op: Literal["save", "load"],
+    fmt_name: str | None,
+    where: str,
+) -> None:
+    """Refuse, before any I/O, a keyword that neither the call (``own``) nor the format declares.
+
+    Without ``fmt_name`` (a load: the manifest tells the format) the options of every installed
+    format are accepted here; the format's own are checked once it is known."""
+    if not given:
+        return
+    valid, deprecated = set(own), set()
+    for name in [fmt_name] if fmt_name else format_names():
+        try:
+            fmt = get_format(name)
+        except PluginError:
+            if fmt_name:
+                raise
+            continue  # a broken plugin is reported by ``ckptio plugins``; it declares nothing here
+        cls = fmt.save_options if op == "save" else fmt.load_options
+        valid.update(option_names(cls))
+        deprecated.update(option_names(cls, deprecated=True))
+    check_options(given, valid, where, deprecated=deprecated)
+
+
 # -- save ----------------------------------------------------------------------------------
 _MAX_METADATA_DEPTH = 64
 
@@ -195,7 +235,7 @@ def decode_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def check_user_metadata(metadata: Any) -> dict[str, Any]:
+def check_metadata(metadata: Any) -> dict[str, Any]:
     """``metadata=`` must be a JSON object of bounded depth; checked before any data is written."""
     if metadata is None:
         return {}
@@ -222,6 +262,19 @@ def check_user_metadata(metadata: Any) -> dict[str, Any]:
     return dict(metadata)
 
 
+def commit_manifest(target: Target, manifest: Manifest) -> None:
+    """The coordinator's last step of a save (also :mod:`ckptio.dcp`'s): check that every file
+    the manifest lists is in ``target``'s staging location with its size, then write
+    ``manifest.json`` last and publish. Any failure aborts ``target``: nothing is published."""
+    try:
+        data = manifest.to_bytes()
+        target.check_files(manifest.files)
+    except BaseException:
+        target.abort()
+        raise
+    target.commit(data)
+
+
 def save_checkpoint(
     state: dict[str, Any],
     url: str | URL,
@@ -232,38 +285,43 @@ def save_checkpoint(
     addons: AddonSet | None = None,
     step: int | None = None,
     metrics: dict[str, float] | None = None,
-    user_metadata: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = True,
-    is_final: bool = False,
+    final: bool = False,
     run_after_commit: bool = True,
     addon_state: dict[str, Any] | None = None,
-    **format_options: Any,
+    format_options: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> tuple[SaveResult, AddonContext]:
     """The full save protocol (see the module docstring). Returns the result and the addon
     context (the manager runs ``after_commit`` itself when saving in the background).
+
+    ``format_options`` are the user's options for the format (its :attr:`~ckptio.Format.save_options`),
+    ``progress`` the core's own switch for progress bars (``False`` for background saves).
 
     A ``backend`` passed in comes with its URL from :func:`open_backend`, which resolved the
     user's own symlinks once; nothing below that URL is resolved again, so a symlink planted as
     a manager's ``step_N`` never leads a save elsewhere."""
     t0 = time.perf_counter()
     u = parse_url(url)
+    fmt = get_format(format or u.format or "native")
+    # everything a user can get wrong is refused before a byte is written (or a backend opened)
+    fopts = build_format_options(fmt, "save", format_options)
+    stored_metrics = check_metrics(metrics)
+    stored_metadata = check_metadata(metadata)
     if backend is None:
         u, backend = open_backend(u, storage_options)
     pg = process_group
     rank, world = _dist.rank_and_size(pg)
-    fmt = get_format(format or u.format or "native")
     addons = addons or AddonSet()
-    # everything a user can get wrong is refused before a byte is written
-    stored_metrics = check_metrics(metrics)
-    stored_user = check_user_metadata(user_metadata)
-    final = u.path
+    dest = u.path
 
     target: Target | None = None  # the coordinator's publication; other ranks only write
 
     def prepare() -> str:
         nonlocal target
-        target = Target.prepare(backend, final, overwrite=overwrite, what=str(u))
+        target = Target.prepare(backend, dest, overwrite=overwrite, what=str(u))
         return target.data_dir
 
     data_dir: str = _dist.on_coordinator(prepare, pg, share_result=True)  # type: ignore[assignment]
@@ -275,18 +333,20 @@ def save_checkpoint(
             op="save",
             url=u,
             backend=backend,
-            path=final,
+            path=dest,
             write_path=data_dir,
             step=step,
             rank=rank,
             world_size=world,
             process_group=pg,
             state=addon_state if addon_state is not None else state,
-            is_final=is_final,
+            final=final,
         )
         addons.hook.on_save_start(ctx=ctx)
         addons.hook.transform_state_dict(ctx=ctx, state_dict=expanded)
-        writer = fmt.storage_writer(backend, data_dir, **format_options)
+        writer = fmt.storage_writer(backend, data_dir, fopts, progress=progress)
+        if target is not None and backend.commit_mode != "rename" and hasattr(writer, "save_token"):
+            writer.save_token = target.token  # the coordinator plans, so the token reaches every rank
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -321,20 +381,14 @@ def save_checkpoint(
             step=step,
             metrics=stored_metrics,  # type: ignore[arg-type]
             addons=list(addons.names),
-            user=stored_user,
+            metadata=stored_metadata,
         )
-        try:
-            data = manifest.to_bytes()
-            target.check_files(manifest.files)
-        except BaseException:
-            target.abort()
-            raise
-        target.commit(data)
+        commit_manifest(target, manifest)
         return manifest
 
     manifest = _dist.on_coordinator(commit, pg)
     t_commit = time.perf_counter()
-    ctx.write_path = final
+    ctx.write_path = dest
     ctx.manifest = manifest
     if run_after_commit:
         addons.hook.after_commit(ctx=ctx)
@@ -417,11 +471,17 @@ def load_checkpoint(
     addons: AddonSet | None = None,
     storage_options: dict[str, Any] | None = None,
     step: int | None = None,
-    **format_options: Any,
+    format_options: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> LoadResult:
-    """Load the checkpoint at ``url`` into ``state`` in place (resharding as needed)."""
+    """Load the checkpoint at ``url`` into ``state`` in place (resharding as needed).
+
+    ``format_options`` are the user's options for the format (its :attr:`~ckptio.Format.load_options`),
+    checked once the format is known, before any data is read."""
     t0 = time.perf_counter()
     u = parse_url(url)
+    if u.format:  # the format is named: its options are checked before the backend is opened
+        build_format_options(get_format(u.format), "load", format_options)
     if backend is None:
         u, backend = open_backend(u, storage_options)
     pg = process_group
@@ -454,10 +514,12 @@ def load_checkpoint(
     )
     addons.hook.validate_load(ctx=ctx)
     addons.hook.transform_state_dict(ctx=ctx, state_dict=expanded)
-    if manifest is None:  # a foreign checkpoint: let the format see where the state wants its tensors
-        format_options.setdefault("state_keys", list(expanded))
+    fopts = build_format_options(fmt, "load", format_options)
     try:
-        reader = fmt.storage_reader(backend, path, manifest, verify=verify, **format_options)
+        # the state's keys let a format place a foreign checkpoint's tensors (safetensors' prefix)
+        reader = fmt.storage_reader(
+            backend, path, manifest, fopts, verify=verify, progress=progress, state_keys=list(expanded)
+        )
     except CheckpointError as exc:  # per rank, so no collective here
         if manifest is not None and _changed(backend, path, manifest):
             raise _replaced_error(u) from exc

@@ -5,7 +5,9 @@ restarts while processes of the old one are still alive. The rules (docs/commit-
 
 1. **Unique staging.** Each save writes into its own location, named with a random token:
    ``.<name>.<token>.ckptio-partial`` beside the target on ``rename`` stores. Nothing else ever
-   has that name, so no writer can empty or recreate another's files.
+   has that name, so no writer can empty or recreate another's files. On ``marker`` stores
+   (object stores, written in place) the token is in every data file's name instead
+   (:func:`tag_file_name`), and a commit sweeps only files no live save owns.
 2. **Leases.** Beside each staging location lies ``.<name>.<token>.ckptio-lease``: host, boot id,
    pid and a heartbeat refreshed every :data:`HEARTBEAT_S` seconds while the save runs. Another
    process removes a staging location only when its lease is dead: the owner's process is gone
@@ -39,7 +41,7 @@ from typing import Any
 
 from .backend import Backend, read_limited
 from .errors import CheckpointError, CheckpointNotFoundError, ConcurrentWriteError, CorruptCheckpointError
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 log = logging.getLogger("ckptio.commit")
 
@@ -60,6 +62,28 @@ _LEFTOVER_RE = re.compile(
 def new_token() -> str:
     """A random 12-hex-digit token naming one save's staging entries (or one lock holder)."""
     return uuid.uuid4().hex[:12]
+
+
+_TAGGED_RE = re.compile(r"^.+\.(?P<token>[0-9a-f]{12})\.[A-Za-z0-9]+$")
+
+
+def tag_file_name(name: str, token: str) -> str:
+    """``name`` with a save's token before its extension (``__0_0.bin`` -> ``__0_0.<token>.bin``).
+
+    On ``marker`` stores every save writes its data files in place; the token keeps two saves of
+    one step from writing the same object, so each manifest describes only bytes its own save
+    wrote, and the commit can tell its files from another save's (:meth:`Target.commit`).
+    """
+    if not token:
+        return name
+    head, dot, ext = name.rpartition(".")
+    return f"{head}.{token}.{ext}" if dot and "/" not in ext else f"{name}.{token}.data"
+
+
+def file_token(name: str) -> str | None:
+    """The save token in a data file's name (see :func:`tag_file_name`), ``None`` when untagged."""
+    m = _TAGGED_RE.match(name.rsplit("/", 1)[-1])
+    return m.group("token") if m else None
 
 
 def leftover_name(name: str, token: str, suffix: str) -> str:
@@ -369,6 +393,7 @@ class Target:
     replace_foreign: bool = False
     _parent: str = field(default="", repr=False)
     _name: str = field(default="", repr=False)
+    _listed: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
     def prepare(
@@ -386,26 +411,16 @@ class Target:
         check_replaceable(
             backend, final, overwrite=overwrite, what=what, hint=hint, replace_foreign=replace_foreign
         )
-        if backend.commit_mode != "rename":
-            if overwrite:
-                backend.remove(backend.join(final, MANIFEST_NAME))  # uncommit first
-            backend.makedirs(final)
-            return cls(
-                backend,
-                final,
-                final,
-                overwrite,
-                what,
-                replace_foreign=replace_foreign,
-                _parent=parent,
-                _name=name,
-            )
         token = new_token()
         lease = Heartbeat(backend, _sibling(backend, parent, leftover_name(name, token, LEASE_SUFFIX)), token)
         lease.write()
         lease.start()
-        data_dir = _sibling(backend, parent, leftover_name(name, token, PARTIAL_SUFFIX))
+        # marker stores write in place, into files tagged with the token (tag_file_name)
+        marker = backend.commit_mode != "rename"
+        data_dir = final if marker else _sibling(backend, parent, leftover_name(name, token, PARTIAL_SUFFIX))
         try:
+            if marker and overwrite:
+                backend.remove(backend.join(final, MANIFEST_NAME))  # uncommit first
             backend.makedirs(data_dir)
         except BaseException:
             lease.stop()
@@ -425,6 +440,7 @@ class Target:
 
     def check_files(self, files: dict[str, dict[str, Any]]) -> None:
         """Every file this save listed is in :attr:`data_dir` with its size (nobody removed it)."""
+        self._listed = list(files)
         for rel, info in files.items():
             path = self.backend.join(self.data_dir, rel)
             try:
@@ -454,6 +470,8 @@ class Target:
                             f"another writer committed {self.what} first; this save was not published"
                         )
                 self.committed = True
+                if manifest is not None:
+                    self._sweep()
                 return
             if not b.exists(self.data_dir):
                 raise ConcurrentWriteError(
@@ -512,7 +530,42 @@ class Target:
         """Drop this save's staging location (never anything else)."""
         if self.lease is None:
             return
+        b = self.backend
         with contextlib.suppress(Exception):
             if self.data_dir != self.final:
-                self.backend.remove(self.data_dir, recursive=True)
+                b.remove(self.data_dir, recursive=True)
+            elif self.token:  # marker store: only the files this save tagged
+                for rel in list(b.walk_files(self.final)):
+                    if file_token(rel) == self.token:
+                        b.remove(b.join(self.final, rel))
         self.lease.stop()
+
+    def _sweep(self) -> None:
+        """After a ``marker`` commit: remove data files that no longer belong to anything.
+
+        Candidates are files the new manifest does not list: an older checkpoint's data (an
+        overwrite), or files of a save that died. Kept: whatever the *current* manifest lists
+        (another save may have committed after this one) and the files of every save whose lease
+        is alive. The order matters: files are listed first, then leases, then the manifest is
+        read again, so a file seen at the first step either has a lease seen at the second or
+        belongs to a save that committed before the third.
+        """
+        b = self.backend
+        try:
+            files = [rel for rel in b.walk_files(self.final) if rel != MANIFEST_NAME]
+            mine = set(self._listed)
+            candidates = [rel for rel in files if rel not in mine and parse_leftover(rel) is None]
+            if not candidates:
+                return
+            groups = _groups(b, self._parent, self._name)
+            dead, live = _split_live(b, self._parent, groups)
+            live.pop(self.token, None)
+            data = read_limited(b, b.join(self.final, MANIFEST_NAME), MAX_MANIFEST_BYTES, "manifest")
+            current = set(json.loads(data).get("files", {}))
+            for rel in candidates:
+                if rel not in current and file_token(rel) not in live:
+                    b.remove(b.join(self.final, rel))
+            dead.pop(self.token, None)
+            _remove_dead(b, self._parent, dead, keep_moved_aside=True, quiet=True)
+        except Exception as exc:  # leftovers cost space, never correctness
+            log.warning("could not sweep old data files of %s: %s", self.what, exc)

@@ -18,6 +18,10 @@ class InvalidURLError(CheckpointError, ValueError):
     """A URL could not be parsed (empty, bad scheme, relative ``file://``...)."""
 
 
+class OptionError(CheckpointError, TypeError):
+    """An option that nobody declared (a misspelt keyword); the message names the closest valid one."""
+
+
 class PluginError(CheckpointError):
     """A plugin is missing, broken or misbehaving."""
 

@@ -12,7 +12,9 @@ Groups:
   :func:`recover`, and the retry machinery (:class:`RetryPolicy`, :func:`retry_call`...).
 - **formats**: :class:`Format` and its reader/writer bases, the DCP metadata helpers the native
   format uses, :func:`split_by_size` and :func:`huge_page_empty` for writers' buffers.
-- **addons**: :class:`AddonContext`, :func:`addon_hook`, :func:`pretrained_files`.
+- **addons**: :class:`AddonContext`, :class:`AddonHooks`, :func:`addon_hook`, :func:`pretrained_files`.
+- **options**: :func:`check_options` refuses an undeclared option naming the closest declared one
+  (:class:`~ckptio.OptionError`); formats declare theirs as dataclasses (:class:`NoOptions` when none).
 - **distributed helpers**: :func:`rank_and_size`, :func:`on_coordinator`, :func:`all_gather`,
   :func:`broadcast`, :func:`any_failed`, each a no-op on one process.
 - **plumbing**: :func:`lazy_exports` (cheap package ``__init__``), :func:`tensor_memoryview`,
@@ -25,15 +27,16 @@ from ._buffers import as_cpu_contiguous, tensor_memoryview
 from ._dist import active as dist_active
 from ._dist import all_gather, any_failed, broadcast, on_coordinator, rank_and_size
 from ._lazy import lazy_exports
-from .addons import AddonContext, addon_hook, pretrained_files
+from .addons import AddonContext, AddonHooks, addon_hook, pretrained_files
 from .backend import Backend, CommitMode, read_limited
 from .checkpoint import open_backend, read_manifest
-from .commit import Target, recover
+from .commit import Target, file_token, recover, tag_file_name
 from .formats.base import (
     FileSizeChecker,
     Format,
     FormatReader,
     FormatWriter,
+    NoOptions,
     TensorEntry,
     is_first_rank,
     missing_file,
@@ -45,6 +48,7 @@ from .formats.native import metadata_from_json, metadata_to_json, tiling_problem
 from .gather import full_tensor
 from .hookspecs import hookimpl
 from .manifest import Manifest
+from .options import check_options
 from .plugins import get_format
 from .retry import (
     ErrorMapper,
@@ -62,6 +66,7 @@ __all__ = [
     "CHECKSUM_BLOCK",
     "URL",
     "AddonContext",
+    "AddonHooks",
     "Backend",
     "CommitMode",
     "ErrorMapper",
@@ -70,6 +75,7 @@ __all__ = [
     "FormatReader",
     "FormatWriter",
     "Manifest",
+    "NoOptions",
     "ModelState",
     "RetryPolicy",
     "Target",
@@ -81,8 +87,10 @@ __all__ = [
     "aretry_call",
     "as_cpu_contiguous",
     "broadcast",
+    "check_options",
     "classify",
     "dist_active",
+    "file_token",
     "full_tensor",
     "get_format",
     "hookimpl",
@@ -103,6 +111,7 @@ __all__ = [
     "retry_call",
     "split_by_size",
     "tensor_entries",
+    "tag_file_name",
     "tensor_memoryview",
     "tiling_problem",
 ]

@@ -41,3 +41,32 @@ def register_addons(register: Any) -> None:
     """Register addons: ``register(name, factory)``; ``factory(**options)`` returns an object
     whose methods implement the addon hooks in :mod:`ckptio.addons`. Installed addons stay inert
     until a manager or call activates them by name."""
+
+
+@hookspec
+def register_commands(register: Any) -> None:
+    """Register subcommands of the ``ckptio`` command line:
+    ``register(name, add_arguments, run, help="", description=None)``.
+
+    ``add_arguments(parser)`` adds the command's own arguments to its ``argparse`` subparser (the
+    common ``--json``, ``-v``, ``--no-progress`` and storage options are already there);
+    ``run(args, ctx)`` runs it and returns the exit status. ``ctx`` has ``json`` (bool),
+    ``storage_options`` (dict, from ``-o``/``--storage-options``), ``emit(data, text)`` (print
+    ``data`` as JSON with ``--json``, else ``text()``) and ``note(message)`` (stderr). A ckptio
+    error raised by ``run`` becomes the documented exit status (1, or 3 for a missing plugin).
+
+    Both callables may be dotted strings ``"package.module:function"``, imported only when the
+    command runs, so ``ckptio --help`` and the other commands never import the plugin's CLI. A
+    name the core uses itself (``ls``, ``cp``...) is never replaced.
+    """
+
+
+@hookspec
+def register_integrations(register: Any) -> None:
+    """Register integrations with training frameworks: ``register(name, target)``, where
+    ``target`` is the entry object users install in their trainer (a Lightning ``CheckpointIO``,
+    a ``transformers.Trainer`` subclass...) as a dotted string ``"package.module:Name"``.
+
+    Integrations are not called by ckptio itself; registering them makes them discoverable
+    (``ckptio plugins``, :func:`ckptio.list_plugins`), with an install hint when missing.
+    """

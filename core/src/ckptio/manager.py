@@ -21,13 +21,15 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _dist
-from .addons import AddonSet, AddonSpecLike
+from .addons import AddonLike, AddonSet
 from .checkpoint import (
     LoadResult,
     SaveResult,
+    check_call_options,
     check_metrics,
     decode_metrics,
     load_checkpoint,
@@ -44,9 +46,10 @@ from .errors import (
     RunLockedError,
 )
 from .manifest import MANIFEST_NAME
+from .options import declared_keywords
 from .retention import KeepAll, RetentionPolicy, StepInfo
 from .staging import HostStager
-from .url import URL
+from .url import URL, parse_url
 
 log = logging.getLogger("ckptio.manager")
 
@@ -57,6 +60,22 @@ _STEP_RE = re.compile(r"^step_(\d{1,18})$")
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+@dataclass
+class StepDeletion:
+    """What :meth:`CheckpointManager.delete` did to one step.
+
+    :ivar committed: the step was a committed checkpoint.
+    :ivar removed: something of it was removed (its directory, or leftovers of interrupted saves).
+    :ivar busy: saves of this step still running (a live lease, here or on another host), by
+        save token: their lease bodies (``host``, ``pid``...). Their files were left alone.
+    """
+
+    step: int
+    committed: bool = False
+    removed: bool = False
+    busy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class CheckpointManager:
@@ -75,7 +94,9 @@ class CheckpointManager:
         refused with :class:`~ckptio.RunLockedError` naming the holder (host, pid), because two
         jobs interleaving steps in one run is never what anyone wants. Use ``takeover=True``
         once you know the other job is gone (or must yield): it then stops at its next save.
-    :param save_options: passed to every save (format options such as ``thread_count``).
+    :param save_options: the format's save options, passed to every save (``thread_count``...;
+        see ``docs/configuration.md``). Any other keyword raises :class:`~ckptio.OptionError`
+        here, before the backend is opened.
     """
 
     def __init__(
@@ -85,15 +106,19 @@ class CheckpointManager:
         retention: RetentionPolicy | None = None,
         async_save: bool = False,
         max_in_flight: int = 1,
-        addons: Iterable[AddonSpecLike] = (),
+        addons: Iterable[AddonLike] = (),
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
         takeover: bool = False,
         **save_options: Any,
     ) -> None:
+        root = parse_url(root_url)
+        fmt_name = root.format or "native"
+        own = declared_keywords(CheckpointManager)
+        check_call_options(save_options, own, "save", fmt_name, f"CheckpointManager ({fmt_name} format)")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight!r}: must be >= 1")
-        self.root, self.backend = open_backend(root_url, storage_options)
+        self.root, self.backend = open_backend(root, storage_options)
         self.takeover = takeover
         self._run_lock: Heartbeat | None = None
         self.retention = retention or KeepAll()
@@ -332,6 +357,10 @@ class CheckpointManager:
     ) -> SaveResult | None:
         """Save ``state`` as ``step``. Returns the result (``None`` when saving in the background).
 
+        :param metrics: numbers stored in the manifest (retention's :class:`~ckptio.KeepBest` reads them).
+        :param final: this is the last save of the run (``consolidated-hf`` exports it by default).
+        :param metadata: JSON values stored in the manifest (:attr:`~ckptio.Manifest.metadata`).
+
         Raises a pending background failure first (:class:`~ckptio.AsyncSaveError`).
         """
         if self._closed:
@@ -387,9 +416,6 @@ class CheckpointManager:
         pg: Any,
         staging: float | None = None,
     ) -> SaveResult:
-        options = dict(self.save_options)
-        if staging is not None:  # a background save: no progress bar over the training output
-            options["progress"] = False
         result, _ = save_checkpoint(
             state,
             self.url_of(step),
@@ -398,10 +424,12 @@ class CheckpointManager:
             addons=self.addons,
             step=step,
             metrics=metrics,
-            user_metadata=metadata,
-            is_final=final,
+            metadata=metadata,
+            final=final,
             addon_state=user_state,
-            **options,
+            format_options=self.save_options,
+            # a background save draws no progress bar over the training output
+            progress=False if staging is not None else None,
         )
         if staging is not None:
             result.timings = {"staging (blocking)": staging, **result.timings}
@@ -477,14 +505,75 @@ class CheckpointManager:
         self.backend.remove(self.backend.join(path, MANIFEST_NAME))
         self.backend.remove(path, recursive=True)
 
-    def delete(self, step: int, *, force: bool = False) -> None:
-        """Delete one step now; refuses protected steps unless ``force``. Takes the run lock."""
-        self._acquire()
-        if not force and step in self.protected_steps():
+    def delete(self, step: int, *, force: bool = False) -> StepDeletion:
+        """Delete one step now, with whatever interrupted saves of it left behind.
+
+        This is the one place a step is deleted by hand (``ckptio rm`` calls it), so that the
+        rules below hold for every caller:
+
+        * a step directory, committed or not, is removed under the run lock (a second live
+          writer of this root is refused with :class:`~ckptio.RunLockedError`, unless the
+          manager was made with ``takeover=True``); its manifest goes first, so a deletion cut
+          short never leaves something that looks like a checkpoint;
+        * the newest committed step and the step this manager resumed from are protected, as
+          retention protects them, unless ``force``;
+        * staging, moved-aside and lease entries of the step (:func:`ckptio.commit.remove_leftovers`)
+          go too, except those of a save that is still running (a live lease): they are left
+          alone and reported in :attr:`StepDeletion.busy`;
+        * the ``latest`` pointer is then rewritten to the newest remaining committed step (or
+          removed when none remains), so it never names a deleted step.
+
+        Raises :class:`~ckptio.CheckpointNotFoundError` when nothing of ``step`` exists.
+        """
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step={step!r}: must be a non-negative integer")
+        if step not in self.all_steps():
+            raise CheckpointNotFoundError(f"no step {step} under {self.root} (steps: {self.steps()})")
+        path = self._step_path(step)
+        committed = self._is_committed(step)
+        has_dir = committed or self.backend.exists(path)
+        if has_dir:
+            self._acquire()  # the run lock: removing a step directory writes the run
+        if committed and not force and step in self.protected_steps():
             raise CheckpointError(
                 f"step {step} is protected (newest committed or resumed-from); pass force=True to delete it"
             )
-        self._delete_path(self._step_path(step))
+
+        def work() -> StepDeletion:
+            from .commit import remove_leftovers
+
+            if committed:
+                self._delete_path(path)
+            elif has_dir:  # never committed, or a deletion cut short (the manifest goes first)
+                self.backend.remove(path, recursive=True)
+            self._metrics_cache.pop(step, None)
+            n_leftovers, live = remove_leftovers(self.backend, path)
+            if has_dir:  # this process holds the run lock: only the lock holder rewrites ``latest``
+                self._repair_latest()
+            return StepDeletion(step, committed, has_dir or n_leftovers > 0, live)
+
+        result = _dist.on_coordinator(work, self.process_group, share_result=True)
+        assert result is not None
+        return result
+
+    def _repair_latest(self) -> None:
+        """Point ``latest`` at the newest committed step left (remove it when there is none)."""
+        from .backend import read_limited
+
+        pointer = self.backend.join(self.root.path, LATEST_NAME)
+        steps = self.steps()  # the steps holding their manifest (the pointer is only a hint)
+        latest = steps[-1] if steps else None
+        try:
+            text: str | None = read_limited(self.backend, pointer, 64, "latest pointer").decode(
+                "utf-8", "replace"
+            )
+        except (CheckpointError, FileNotFoundError):
+            text = None  # missing, or not a small regular file
+        if latest is None:
+            if self.backend.exists(pointer):
+                self.backend.remove(pointer)
+        elif text is None or text.strip() != step_name(latest):
+            self.backend.write_bytes(pointer, (step_name(latest) + "\n").encode())
 
     # -- load ---------------------------------------------------------------------------------
     def load(

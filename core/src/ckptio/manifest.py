@@ -13,6 +13,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,7 +33,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_ENTRIES = 1 << 20
 #: A declared file size above this (256 TiB) is refused; sizes are also compared with the real files.
 MAX_FILE_BYTES = 1 << 48
-#: Nesting depth allowed in ``user`` metadata and metrics (JSON objects and lists).
+#: Nesting depth allowed in ``metadata`` (key ``"user"``) and metrics (JSON objects and lists).
 MAX_USER_DEPTH = 32
 #: ``created`` must lie between the epoch and this (the year 5138).
 MAX_CREATED = 1e11
@@ -50,9 +51,19 @@ def check_file_name(name: str, where: str) -> None:
         ) from exc
 
 
+#: Fields stored under another key in ``manifest.json``. ``metadata`` (the user's ``metadata=``)
+#: keeps the key ``"user"`` it had before it was renamed: readers check the manifest's fields
+#: strictly and its checksum covers the keys, so a new key would make every checkpoint written
+#: from now on unreadable by earlier ckptio releases.
+_JSON_KEYS = {"metadata": "user"}
+_FIELDS = {v: k for k, v in _JSON_KEYS.items()}
+
+
 @dataclass
 class Manifest:
-    """What a committed checkpoint contains. ``files`` maps relative names to ``{"size": n, ...}``."""
+    """What a committed checkpoint contains. ``files`` maps relative names to ``{"size": n, ...}``;
+    ``metadata`` holds the JSON values passed as ``save(..., metadata=...)`` (key ``"user"`` in
+    ``manifest.json``)."""
 
     format: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
@@ -61,9 +72,20 @@ class Manifest:
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     addons: list[str] = field(default_factory=list)
-    user: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     ckptio_manifest: int = MANIFEST_VERSION
+
+    @property
+    def user(self) -> dict[str, Any]:
+        """Deprecated: :attr:`metadata` (the name ``save(metadata=...)`` uses)."""
+        warnings.warn("Manifest.user is deprecated, use Manifest.metadata", DeprecationWarning, stacklevel=2)
+        return self.metadata
+
+    @user.setter
+    def user(self, value: dict[str, Any]) -> None:
+        warnings.warn("Manifest.user is deprecated, use Manifest.metadata", DeprecationWarning, stacklevel=2)
+        self.metadata = value
 
     @property
     def total_bytes(self) -> int:
@@ -73,7 +95,7 @@ class Manifest:
         # Compact JSON both times: ``indent`` would switch json to its pure-Python encoder, and a
         # shallow dict avoids ``asdict``'s deep copy; together they cost ~0.1 s per save for 200
         # tensors, seconds for a large sharded model. ``jq . manifest.json`` pretty-prints it.
-        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body = {_JSON_KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
         body["checksum"] = "xxh3_64:" + xxhash.xxh3_64_hexdigest(text.encode())
         return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode() + b"\n"
@@ -123,7 +145,10 @@ class Manifest:
                 path=where,
             )
         try:
-            m = cls(**body)
+            if renamed := sorted(set(body) & set(_JSON_KEYS)):  # field names are not JSON keys
+                raise TypeError(f"unexpected keys {renamed}")
+            fields_: dict[str, Any] = {_FIELDS.get(str(k), str(k)): v for k, v in body.items()}
+            m = cls(**fields_)
         except TypeError as exc:
             raise CorruptCheckpointError(f"{where}: unexpected manifest fields ({exc})", path=where) from exc
         if not (
@@ -135,7 +160,7 @@ class Manifest:
             and isinstance(m.metrics, dict)
             and isinstance(m.addons, list)
             and all(isinstance(a, str) for a in m.addons)
-            and isinstance(m.user, dict)
+            and isinstance(m.metadata, dict)
             and isinstance(m.created, (int, float))
             and not isinstance(m.created, bool)
         ):

@@ -12,6 +12,7 @@ entry points take.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata as md
 import logging
@@ -54,12 +55,16 @@ INSTALL_HINTS: dict[str, dict[str, str]] = {
         "consolidated-hf": "ckptio-consolidated-hf",
         "dora": "ckptio-dora",
     },
+    # subcommands of the ``ckptio`` command line that plugins add (``register_commands``)
+    "command": {"consolidate": "ckptio-safetensors"},
+    # trainer integrations (``register_integrations``)
+    "integration": {"lightning": "ckptio-lightning", "transformers": "ckptio-transformers"},
 }
 
 
 @dataclass
 class Registration:
-    kind: str  # "backend" | "format" | "addon"
+    kind: str  # "backend" | "format" | "addon" | "command" | "integration"
     name: str
     target: Any
     plugin: str
@@ -77,6 +82,8 @@ class PluginInfo:
     backends: list[str] = field(default_factory=list)
     formats: list[str] = field(default_factory=list)
     addons: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    integrations: list[str] = field(default_factory=list)
     error: str | None = None
     skipped: bool = False
 
@@ -88,7 +95,13 @@ class _Registry:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("ckptio")
         self.pm.add_hookspecs(hookspecs)
-        self.entries: dict[str, dict[str, Registration]] = {"backend": {}, "format": {}, "addon": {}}
+        self.entries: dict[str, dict[str, Registration]] = {
+            "backend": {},
+            "format": {},
+            "addon": {},
+            "command": {},
+            "integration": {},
+        }
         self.plugins: dict[str, PluginInfo] = {}
         self._loaded = False
         self._lock = threading.RLock()
@@ -114,7 +127,7 @@ class _Registry:
                 self.pm.unregister(name=name)
             self.plugins[name] = info or self.plugins.get(name) or PluginInfo(name=name)
             self.pm.register(obj, name=name)
-            for kind in ("backend", "format", "addon"):
+            for kind in ("backend", "format", "addon", "command", "integration"):
                 hook = getattr(self.pm.hook, f"register_{kind}s")
                 impls = [i for i in hook.get_hookimpls() if i.plugin_name == name]
                 for impl in impls:
@@ -123,7 +136,7 @@ class _Registry:
                         self.add(_k, n, target, name, priority)
 
                     try:
-                        impl.function(register)
+                        impl.function(_command_register(self, name) if kind == "command" else register)
                     except Exception as exc:
                         raise PluginError(
                             f"plugin {name!r} failed in register_{kind}s: {type(exc).__name__}: {exc}"
@@ -198,17 +211,50 @@ _registry = _Registry()
 
 def _hint(kind: str, name: str) -> str:
     hint = INSTALL_HINTS[kind].get(name.lower())
-    return f"pip install {hint}" if hint else "install a ckptio plugin that provides it"
+    if hint:
+        return f"pip install {hint}"
+    if kind == "backend":
+        return f"pip install a ckptio backend plugin that serves {name}:// (see docs/writing-a-backend.md)"
+    return "install a ckptio plugin that provides it"
+
+
+def _installed_schemes() -> str:
+    """The installed backends' schemes, short: those a plugin registers as a catch-all (a negative
+    priority, like every other fsspec protocol) are one count per plugin."""
+    named: list[str] = []
+    caught: dict[str, int] = {}
+    for scheme, reg in sorted(_registry.entries["backend"].items()):
+        if reg.priority < 0:
+            caught[reg.plugin] = caught.get(reg.plugin, 0) + 1
+        else:
+            named.append(scheme)
+    counts = [f"{n} more through {plugin}" for plugin, n in sorted(caught.items())]
+    if named and counts:
+        counts[-1] = "and " + counts[-1]
+    return ", ".join(named + counts) or "none"
+
+
+def _unknown_scheme_message(scheme: str) -> str:
+    """One line: the scheme, the closest installed one, what is installed, what to install."""
+    entries = _registry.entries["backend"]
+    named = [n for n, reg in entries.items() if reg.priority >= 0]
+    close = difflib.get_close_matches(scheme.lower(), named, n=1, cutoff=0.5) or difflib.get_close_matches(
+        scheme.lower(), list(entries), n=1
+    )
+    maybe = (
+        f" (did you mean {close[0]}://?)" if close and scheme.lower() not in INSTALL_HINTS["backend"] else ""
+    )
+    return (
+        f"no ckptio backend for {scheme}:// URLs{maybe}. Installed: {_installed_schemes()}. "
+        f"{_hint('backend', scheme)}"
+    )
 
 
 def backend_factory(scheme: str) -> Any:
     """The factory registered for ``scheme``; raises :class:`BackendNotFoundError` with a hint."""
     reg = _registry.resolve("backend", scheme)
     if reg is None:
-        known = ", ".join(sorted(_registry.entries["backend"])) or "none"
-        raise BackendNotFoundError(
-            f"no ckptio backend for {scheme}:// URLs (installed: {known}); {_hint('backend', scheme)}"
-        )
+        raise BackendNotFoundError(_unknown_scheme_message(scheme))
     return _registry.materialize(reg)
 
 
@@ -283,3 +329,62 @@ def reload_plugins() -> None:
     _registry = _Registry()
     importlib.invalidate_caches()
     _registry.ensure_loaded()
+
+
+# -- commands: subcommands of the ``ckptio`` command line that plugins add ---------------------
+@dataclass
+class CommandSpec:
+    """One subcommand registered through the ``register_commands`` hook.
+
+    ``add_arguments`` and ``run`` are callables or lazy ``"module:function"`` strings (see
+    :func:`ckptio.hookspecs.register_commands`); :func:`load_command` imports them, only for the
+    command that runs, so a plugin's command-line code costs nothing to the other commands.
+    """
+
+    name: str
+    add_arguments: Any
+    run: Any
+    help: str = ""
+    description: str | None = None
+    plugin: str = ""
+
+
+def _command_register(registry: _Registry, plugin: str) -> Any:
+    """The ``register`` callable handed to one plugin's ``register_commands`` hook."""
+
+    def register(
+        name: str, add_arguments: Any, run: Any, *, help: str = "", description: str | None = None
+    ) -> None:
+        if not isinstance(name, str) or not name or name.startswith("-") or " " in name:
+            raise ValueError(f"invalid command name {name!r}")
+        spec = CommandSpec(name.lower(), add_arguments, run, help, description, plugin)
+        registry.add("command", name, spec, plugin)
+
+    return register
+
+
+def command_specs() -> dict[str, CommandSpec]:
+    """Every subcommand plugins registered, by name (the first plugin to register a name wins)."""
+    _registry.ensure_loaded()
+    return {name: reg.target for name, reg in sorted(_registry.entries["command"].items())}
+
+
+def load_command(spec: CommandSpec) -> tuple[Any, Any]:
+    """``(add_arguments, run)`` of ``spec``, lazy strings imported; a failed import is a
+    :class:`PluginError` that names the package to install, as for backends and formats."""
+    parts = []
+    for target in (spec.add_arguments, spec.run):
+        reg = Registration("command", spec.name, target, spec.plugin)
+        parts.append(_registry.materialize(reg))
+    return parts[0], parts[1]
+
+
+def command_hint(name: str) -> str | None:
+    """The distribution that provides command ``name`` when it is not installed, if known."""
+    return INSTALL_HINTS["command"].get(name.lower())
+
+
+def integration_names() -> list[str]:
+    """The installed trainer integrations (``register_integrations``), by name."""
+    _registry.ensure_loaded()
+    return sorted(_registry.entries["integration"])

@@ -15,7 +15,7 @@ _EXPORTS = {
     "FsspecBackend": ".backend",
     "S3Backend": ".backend",
     "MemoryBackend": ".backend",
-    "RetryPolicy": "ckptio.retry",
+    "RetryPolicy": "ckptio.ext",
 }
 __all__ = ["FsspecBackend", "MemoryBackend", "RetryPolicy", "S3Backend"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -60,7 +60,7 @@ from ckptio.errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from ckptio.ext import URL, Backend
+from ckptio.ext import URL, Backend, check_options
 
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{8,32}\.tmp$")
 
@@ -378,13 +378,20 @@ class LocalBackend(Backend):
     """Files on a local or shared POSIX file system (see the module docstring for the link rules).
 
     :param fsync: fsync files and directories (default ``True``); turn off only for scratch data.
+
+    These are its only ``storage_options``: any other name raises :class:`~ckptio.OptionError`
+    naming the closest one (a misspelt ``fsync`` must not silently keep or drop durability).
     """
 
     commit_mode = "rename"
     atomic_create = True
+    #: The ``storage_options`` this backend declares (the keyword-only parameters of ``__init__``).
+    STORAGE_OPTIONS = ("fsync",)
 
-    def __init__(self, url: URL | None = None, *, fsync: bool = True, **options: Any) -> None:
-        super().__init__("file", **options)
+    def __init__(self, url: URL | None = None, *, fsync: bool = True, **unknown: Any) -> None:
+        scheme = url.scheme if url is not None else "file"
+        check_options(unknown, self.STORAGE_OPTIONS, f"the {scheme}:// backend (storage_options)")
+        super().__init__("file")
         self.fsync = fsync
 
     def resolve(self, path: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ from .hf import (
     parse_cast,
     target_dtype,
 )
+
+
+log = logging.getLogger("ckptio.safetensors")
 
 
 @dataclass
@@ -385,6 +389,7 @@ def consolidate(
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     in_place: bool = False,
+    config: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the full tensors of the checkpoint at ``src_url`` as an HF directory at ``dst_url``.
 
@@ -407,12 +412,25 @@ def consolidate(
     :param in_place: write straight into ``dst_url``, a staging directory the caller owns and
         publishes itself (the consolidated-hf addon); nothing there is removed, the index is
         written last.
+    :param config: where ``config.json`` (and ``generation_config.json``) come from: a config dict,
+        a ``config.json`` URL/path or a directory holding one (a base model); by default the
+        source's own (artifacts of the checkpoint, or an HF directory's files). Written beside the
+        weights so ``from_pretrained`` loads the output as it is (not with ``in_place`` unless
+        given). Without ``cast_dtype`` the weights are written in the dtype of the base model
+        (``dtype_reference``'s ``config.json``) or else of the config (``dtype``/``torch_dtype``),
+        and the config names the dtype written.
     :returns: the index dict (``{"metadata": {"total_size"}, "weight_map"}``).
     """
     pg = process_group
     rank, world = ext.rank_and_size(pg) if pg is not None else (0, 1)
     src = _open_source(src_url, group, storage_options, verify)
     cast = parse_cast(cast_dtype)
+    meta_files: dict[str, bytes] = {}
+    if config is not None or not in_place:
+        meta_files = hf_config_files(config, src_url, storage_options, verify)
+        cast, meta_files = export_dtype(meta_files, cast, dtype_reference, storage_options)
+        if CONFIG_NAME not in meta_files and rank == 0:
+            log.warning("%s has no %s: pass config= (--config) for a directory from_pretrained loads", src_url, CONFIG_NAME)
     dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
     ref_map = None
     if reference_index is not None:
@@ -433,15 +451,15 @@ def consolidate(
 
     du = parse_url(dst_url)
     du, backend = open_backend(du, storage_options)
-    final = du.path.rstrip("/") or du.path
+    dest = du.path.rstrip("/") or du.path
     target: Target | None = None
 
     def prepare() -> str:
         nonlocal target
         if in_place:
-            backend.makedirs(final)
-            return final
-        target = _prepare_target(backend, final, str(du), overwrite)
+            backend.makedirs(dest)
+            return dest
+        target = _prepare_target(backend, dest, str(du), overwrite)
         return target.data_dir
 
     work = _share(prepare, pg)
@@ -484,6 +502,8 @@ def consolidate(
 
     def publish() -> None:
         try:
+            for name, data in meta_files.items():
+                backend.write_bytes(backend.join(work, name), data)
             backend.write_bytes(backend.join(work, INDEX_NAME), index_bytes(index))  # the index last
             if target is not None:
                 target.commit(None)  # one rename on rename stores
@@ -495,12 +515,12 @@ def consolidate(
     return index
 
 
-def _prepare_target(backend: Backend, final: str, what: str, overwrite: bool) -> Target:
-    """Where the new directory is written: a unique staging directory beside ``final`` (rename
-    stores) or ``final`` itself, its old index removed first (marker stores)."""
-    recover(backend, final)  # an interrupted replacement is finished or undone first
+def _prepare_target(backend: Backend, dest: str, what: str, overwrite: bool) -> Target:
+    """Where the new directory is written: a unique staging directory beside ``dest`` (rename
+    stores) or ``dest`` itself, its old index removed first (marker stores)."""
+    recover(backend, dest)  # an interrupted replacement is finished or undone first
     try:
-        existing = backend.listdir(final) if backend.exists(final) else []
+        existing = backend.listdir(dest) if backend.exists(dest) else []
     except CheckpointNotFoundError:
         existing = []
     if existing and not overwrite:
@@ -511,7 +531,7 @@ def _prepare_target(backend: Backend, final: str, what: str, overwrite: bool) ->
         )
     target = Target.prepare(
         backend,
-        final,
+        dest,
         overwrite=overwrite,
         what=what,
         hint="pass overwrite=True (ckptio consolidate --overwrite) to replace it",
@@ -519,10 +539,10 @@ def _prepare_target(backend: Backend, final: str, what: str, overwrite: bool) ->
     )
     if backend.commit_mode != "rename" and existing:
         # an object store has no rename: uncommit (the index goes first), then clear the prefix
-        backend.remove(backend.join(final, INDEX_NAME))
+        backend.remove(backend.join(dest, INDEX_NAME))
         for name in existing:
             if name != INDEX_NAME:
-                backend.remove(backend.join(final, name), recursive=True)
+                backend.remove(backend.join(dest, name), recursive=True)
     return target
 
 
@@ -560,4 +580,120 @@ def _progress(total: int, enabled: bool, where: Any) -> Any:
     return tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidate -> {where}")
 
 
-__all__ = ["consolidate", "reference_dtypes"]
+# -- config.json and generation_config.json -----------------------------------------------------
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+_CONFIG_NAMES = (CONFIG_NAME, GENERATION_CONFIG_NAME)
+#: the dtype names a config may give that a cast understands
+_CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def _read_small(backend: Backend, path: str, what: str) -> bytes:
+    return read_limited(backend, path, _MAX_JSON_BYTES, what)
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
+
+
+def hf_config_files(
+    config: str | dict[str, Any] | None,
+    src_url: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> dict[str, bytes]:
+    """``config.json`` (and ``generation_config.json`` when there is one) for an HF export, by name.
+
+    From ``config`` when given: a parsed config dict, the URL/path of a ``config.json``, or of a
+    directory holding one (its ``generation_config.json`` comes along); else from the directory at
+    ``src_url`` (a checkpoint whose artifacts include them, or an HF directory), checked against
+    the checkpoint's manifest when it lists them. ``{}`` when neither has a config.
+    """
+    if isinstance(config, dict):
+        return {CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    url = str(config) if config is not None else src_url
+    if url is None:
+        return {}
+    u, backend = open_backend(url, storage_options)
+    with backend:
+        if config is not None and u.path.endswith(".json"):  # a config file (generation config beside it)
+            sources = {CONFIG_NAME: u.path}
+            if u.path.rsplit("/", 1)[-1] == CONFIG_NAME:
+                sources[GENERATION_CONFIG_NAME] = backend.join(_parent(u.path), GENERATION_CONFIG_NAME)
+        else:
+            sources = {name: backend.join(u.path, name) for name in _CONFIG_NAMES}
+        manifest = read_manifest(backend, u.path) if config is None else None
+        out: dict[str, bytes] = {}
+        for name, path in sources.items():
+            if not backend.exists(path):
+                continue
+            data = _read_small(backend, path, name)
+            listed = manifest.files.get(name) if manifest is not None else None
+            digest = listed.get("xxh3") if isinstance(listed, dict) else None
+            if verify and digest and xxhash.xxh3_64_hexdigest(data) != digest:
+                raise CorruptCheckpointError(f"checksum mismatch in {backend.url(path)}", path=backend.url(path))
+            try:
+                if not isinstance(json.loads(data), dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, RecursionError) as exc:
+                raise CorruptCheckpointError(f"{backend.url(path)} is not a JSON config ({exc})") from exc
+            out[name] = data
+        if config is not None and CONFIG_NAME not in out:
+            raise CheckpointNotFoundError(f"no {CONFIG_NAME} at {backend.url(u.path)} (config=)")
+        return out
+
+
+def config_dtype(files: dict[str, bytes]) -> torch.dtype | None:
+    """The model dtype a ``config.json`` names (``dtype``, or ``torch_dtype`` before transformers 5),
+    ``None`` when it names none a cast understands."""
+    data = files.get(CONFIG_NAME)
+    if data is None:
+        return None
+    cfg = json.loads(data)
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if not isinstance(name, str) or name.removeprefix("torch.") not in _CONFIG_DTYPES:
+        return None
+    return parse_cast(_CONFIG_DTYPES[name.removeprefix("torch.")])
+
+
+def with_config_dtype(files: dict[str, bytes], dtype: torch.dtype) -> dict[str, bytes]:
+    """``files`` with ``config.json``'s dtype set to ``dtype`` (the dtype the weights are written
+    in, so ``from_pretrained`` loads them as they are)."""
+    if CONFIG_NAME not in files or config_dtype(files) == dtype:
+        return files
+    cfg = json.loads(files[CONFIG_NAME])
+    name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = name
+    return {**files, CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def export_dtype(
+    files: dict[str, bytes],
+    cast: torch.dtype | None,
+    reference: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    use_config: bool = True,
+) -> tuple[torch.dtype | None, dict[str, bytes]]:
+    """The cast of an export and its config files: an explicit ``cast`` wins; else the dtype of the
+    base model (``reference``: an HF directory whose ``config.json`` names it), else (with
+    ``use_config``) the one ``config.json`` names. The config is made to name the dtype chosen."""
+    if cast is None and reference is not None:
+        try:
+            cast = config_dtype(hf_config_files(reference, storage_options=storage_options))
+        except CheckpointNotFoundError:
+            cast = None
+    if cast is None and use_config:
+        cast = config_dtype(files)
+    return cast, (with_config_dtype(files, cast) if cast is not None else files)
+
+
+__all__ = [
+    "config_dtype",
+    "consolidate",
+    "export_dtype",
+    "hf_config_files",
+    "reference_dtypes",
+    "with_config_dtype",
+]

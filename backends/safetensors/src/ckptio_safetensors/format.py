@@ -14,9 +14,11 @@ import json
 import math
 import re
 import threading
+import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,11 +64,13 @@ from .hf import INDEX_NAME, SINGLE_NAME, index_bytes
 
 LAYOUT_VERSION = "ckptio-safetensors/1"
 DEFAULT_WRITE_THREADS = 2
+DEFAULT_READ_THREADS = 4
 VALUES_PREFIX = "values-rank"
 SHARDING_KEY = "ckptio_sharding"  # {name: {"global_shape": [...], "offsets": [...]}} as JSON
 DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # torch's HF key, so torch's HF reader/consolidator read our files
 _SAFE_GROUP = re.compile(r"^[^/\\]+$")
-_OWN_FILE = re.compile(r"^(rank\d{5}-\d{2}\.safetensors|values-rank\d{5}\.json)$")
+# the token appears on object stores (ckptio.ext.tag_file_name)
+_OWN_FILE = re.compile(r"^(rank\d{5}-\d{2}|values-rank\d{5})(\.[0-9a-f]{12})?\.(safetensors|json)$")
 SPLIT_BYTES = 64 << 20  # a group smaller than this is written as one file per rank
 #: The largest ``model.safetensors.index.json`` read (DeepSeek-V3's, 90k weights, is ~9 MB).
 MAX_INDEX_BYTES = 64 << 20
@@ -101,6 +105,42 @@ def group_file(group: str, name: str) -> str:
     return f"{group_dir(group)}/{name}" if group else name
 
 
+@dataclass(frozen=True, kw_only=True)
+class SafetensorsSaveOptions:
+    """The safetensors format's options on ``save`` (and a manager's saves)."""
+
+    thread_count: int = DEFAULT_WRITE_THREADS
+    """Writer threads per rank: a group (top-level state key) of at least 64 MiB is split over
+    this many files per rank, written in parallel."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SafetensorsLoadOptions:
+    """The safetensors format's options on ``load``."""
+
+    thread_count: int = DEFAULT_READ_THREADS
+    """Reader threads per rank."""
+    prefix: str | None = None
+    """Foreign (``save_pretrained``) directories: the state key their tensors go under
+    (``"model"``: ``model.<name>``; ``""``: the top level). Default: the state's only top-level
+    key when it is not itself a stored name, else the top level."""
+    key_mapping: dict[str, str] | None = None
+    """Foreign directories: ``{regex: replacement}`` applied to the stored names before the
+    prefix (the first matching pattern wins)."""
+    state_keys: Sequence[str] | None = field(default=None, metadata={"deprecated": True})
+    """Deprecated: ckptio passes the state's top-level keys to the format itself; choose where a
+    foreign directory's tensors go with ``prefix``."""
+
+    def __post_init__(self) -> None:
+        if self.state_keys is not None:
+            warnings.warn(
+                "the safetensors load option state_keys= is deprecated: ckptio passes the state's "
+                "keys itself; use prefix= to choose where the tensors go",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+
+
 # -- writer --------------------------------------------------------------------------------
 class SafetensorsWriter(FormatWriter):
     """Every rank streams its chunks into its own safetensors files, one per group and thread."""
@@ -120,18 +160,20 @@ class SafetensorsWriter(FormatWriter):
             if other != item.index.fqn:
                 raise StateMismatchError(f"state keys {other!r} and {item.index.fqn!r} both map to {name!r}")
             by_group[group].append((item, name))
-        n_threads = max(1, int(self.options.get("thread_count", DEFAULT_WRITE_THREADS)))
+        n_threads = max(1, int(getattr(self.options, "thread_count", DEFAULT_WRITE_THREADS)))
         jobs: list[tuple[str, str, list[tuple[WriteItem, str]]]] = []
         for group, pairs in sorted(by_group.items()):
             names = {id(it): nm for it, nm in pairs}
             group_bytes = sum(_item_bytes(it) for it, _ in pairs)
             buckets = split_by_size([it for it, _ in pairs], n_threads if group_bytes >= SPLIT_BYTES else 1)
             for k, bucket in enumerate(buckets):
-                fname = group_file(group, f"rank{rank:05d}-{k:02d}.safetensors")
+                fname = group_file(group, self.file_name(f"rank{rank:05d}-{k:02d}.safetensors"))
                 jobs.append((fname, group, [(it, names[id(it)]) for it in bucket]))
         results: list[WriteResult] = []
         if values:
-            results.extend(self._write_values(f"{VALUES_PREFIX}{rank:05d}.json", values, planner))
+            results.extend(
+                self._write_values(self.file_name(f"{VALUES_PREFIX}{rank:05d}.json"), values, planner)
+            )
         if len(jobs) <= 1:
             for fname, group, pairs in jobs:
                 results.extend(self._write_file(fname, group, pairs, planner))
@@ -348,15 +390,17 @@ class SafetensorsReader(FormatReader):
         metadata: Metadata,
         chunks: ChunkTable,
         files: dict[str, dict[str, Any]] | None = None,
-        **options: Any,
+        *,
+        verify: bool = True,
+        thread_count: int = DEFAULT_READ_THREADS,
     ) -> None:
         super().__init__()
         self.backend = backend
         self.path = path
         self.metadata = metadata
         self.chunks = chunks
-        self.verify = bool(options.get("verify", True))
-        self.thread_count = max(1, int(options.get("thread_count", 4)))
+        self.verify = bool(verify)
+        self.thread_count = max(1, int(thread_count))
         self.bytes_read = 0
         self._lock = threading.Lock()
         # ``files``: the sizes a manifest declares, made true before anything is read or
@@ -557,14 +601,14 @@ def foreign_metadata(
     return Metadata(state_dict_metadata=sdm, storage_data=entries), entries
 
 
-def _foreign_prefix(backend: Backend, path: str, options: dict[str, Any]) -> str:
+def _foreign_prefix(backend: Backend, path: str, prefix: str | None, state_keys: Sequence[str]) -> str:
     """Where a foreign directory's tensors go in the state: ``prefix=`` when given; else, when the
     state has one top-level entry that is not itself a stored name (``{"model": ModelState(m)}``),
     under that entry; else at the top level (a flat dict of tensors)."""
-    if options.get("prefix") is not None:
-        p = str(options["prefix"])
+    if prefix is not None:
+        p = str(prefix)
         return p if not p or p.endswith(".") else p + "."
-    keys = list(options.get("state_keys") or [])
+    keys = list(state_keys)
     if len(keys) == 1:
         first = hf_files(backend, path)[:1]
         stored = read_header(backend, backend.join(path, first[0])).entries if first else {}
@@ -577,20 +621,36 @@ class SafetensorsFormat(Format):
     """HF safetensors files, sharded by rank, resharding on load (see the package docstring)."""
 
     name = "safetensors"
+    save_options = SafetensorsSaveOptions
+    load_options = SafetensorsLoadOptions
 
-    def storage_writer(self, backend: Backend, path: str, **options: Any) -> SafetensorsWriter:
-        return SafetensorsWriter(backend, path, **options)
+    def storage_writer(
+        self, backend: Backend, path: str, options: Any = None, *, progress: bool | None = None
+    ) -> SafetensorsWriter:
+        return SafetensorsWriter(backend, path, options or SafetensorsSaveOptions(), progress=progress)
 
     def storage_reader(
-        self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
+        self,
+        backend: Backend,
+        path: str,
+        manifest: Manifest | None,
+        options: Any = None,
+        *,
+        verify: bool = True,
+        progress: bool | None = None,
+        state_keys: Sequence[str] = (),
     ) -> SafetensorsReader:
+        opts: SafetensorsLoadOptions = options or SafetensorsLoadOptions()
+        threads = opts.thread_count
         if manifest is not None:
-            verify = bool(options.get("verify", True))
             md, chunks = manifest_metadata(manifest, backend.url(path), require_checksums=verify)
-            return SafetensorsReader(backend, path, md, chunks, manifest.files, **options)
-        prefix = _foreign_prefix(backend, path, options)
-        md, chunks = foreign_metadata(backend, path, options.get("key_mapping"), prefix)
-        return SafetensorsReader(backend, path, md, chunks, **options)
+            return SafetensorsReader(
+                backend, path, md, chunks, manifest.files, verify=verify, thread_count=threads
+            )
+        keys = opts.state_keys if opts.state_keys is not None else state_keys
+        prefix = _foreign_prefix(backend, path, opts.prefix, keys)
+        md, chunks = foreign_metadata(backend, path, opts.key_mapping, prefix)
+        return SafetensorsReader(backend, path, md, chunks, verify=verify, thread_count=threads)
 
     def detect(self, backend: Backend, path: str) -> bool:
         """A foreign HF-style directory. ckptio's own files without a manifest are an interrupted
@@ -640,7 +700,9 @@ class SafetensorsFormat(Format):
 __all__ = [
     "Chunk",
     "SafetensorsFormat",
+    "SafetensorsLoadOptions",
     "SafetensorsReader",
+    "SafetensorsSaveOptions",
     "SafetensorsWriter",
     "foreign_metadata",
     "manifest_metadata",

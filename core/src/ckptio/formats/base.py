@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from ..backend import Backend
+from ..commit import tag_file_name
 from ..errors import CorruptCheckpointError
 from ..manifest import Manifest
 from ..serialization import dtype_name
@@ -140,16 +141,29 @@ class FormatWriter(StorageWriter):
     :attr:`format_metadata` and :attr:`files`, which the core puts in the manifest.
     """
 
-    def __init__(self, backend: Backend, path: str, **options: Any) -> None:
+    def __init__(
+        self, backend: Backend, path: str, options: Any = None, *, progress: bool | None = None
+    ) -> None:
         super().__init__()
         self.backend = backend
         self.path = path
+        #: The format's save options: an instance of its :attr:`Format.save_options` class.
         self.options = options
+        #: ``False`` hides progress bars (background saves); ``None`` lets the terminal decide.
+        self.progress = progress
         self.rank = 0
         self.is_coordinator = True
         self.format_metadata: dict[str, Any] = {}
         self.files: dict[str, dict[str, Any]] = {}
         self.bytes_written = 0
+        #: Set by the core on ``marker`` stores, where saves write in place: data files are
+        #: then named with it (:meth:`file_name`), so that two saves never share an object.
+        self.save_token = ""
+        self._file_token = ""
+
+    def file_name(self, name: str) -> str:
+        """The name under which to write the data file ``name`` in this save."""
+        return tag_file_name(name, self._file_token)
 
     def reset(self, checkpoint_id: Any = None) -> None:
         return None
@@ -162,10 +176,12 @@ class FormatWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return [dataclasses.replace(p, storage_data=f"__{i}") for i, p in enumerate(plans)]
+        tag = f"@{self.save_token}" if self.save_token else ""
+        return [dataclasses.replace(p, storage_data=f"__{i}{tag}") for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
-        prefix = plan.storage_data if isinstance(plan.storage_data, str) else f"__{self.rank}"
+        data = plan.storage_data if isinstance(plan.storage_data, str) else f"__{self.rank}"
+        prefix, _, self._file_token = data.partition("@")  # the token reaches every rank this way
         results = self.write_items(list(plan.items), planner, prefix)
         self.bytes_written = sum(r.size_in_bytes for r in results)
         fut: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
@@ -223,21 +239,55 @@ class FormatReader(StorageReader):
         return False
 
 
+@dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """The options of a format that takes none (the default :attr:`Format.save_options` and
+    :attr:`Format.load_options`)."""
+
+
 class Format(abc.ABC):
     """A checkpoint format, registered by name through the ``register_formats`` hook."""
 
     name: ClassVar[str] = ""
+    #: The options ``save`` accepts for this format: a keyword-only dataclass with one documented
+    #: field per option. The core refuses any other keyword (:class:`~ckptio.OptionError`) before
+    #: writing and hands :meth:`storage_writer` an instance.
+    save_options: ClassVar[type[Any]] = NoOptions
+    #: The options ``load`` accepts for this format, as :attr:`save_options`, for :meth:`storage_reader`.
+    load_options: ClassVar[type[Any]] = NoOptions
 
     @abc.abstractmethod
-    def storage_writer(self, backend: Backend, path: str, **options: Any) -> FormatWriter:
-        """A DCP writer that puts files under ``path`` (a staging or final directory)."""
+    def storage_writer(
+        self, backend: Backend, path: str, options: Any = None, *, progress: bool | None = None
+    ) -> FormatWriter:
+        """A DCP writer that puts files under ``path`` (a staging or final directory).
+
+        :param options: an instance of :attr:`save_options` (``None``: the defaults).
+        :param progress: ``False`` hides progress bars (background saves); ``None`` lets the
+            terminal decide (``CKPTIO_PROGRESS``).
+        """
 
     @abc.abstractmethod
     def storage_reader(
-        self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
+        self,
+        backend: Backend,
+        path: str,
+        manifest: Manifest | None,
+        options: Any = None,
+        *,
+        verify: bool = True,
+        progress: bool | None = None,
+        state_keys: Sequence[str] = (),
     ) -> StorageReader:
         """A DCP reader for the checkpoint at ``path``. ``manifest`` is ``None`` for foreign
-        checkpoints that :meth:`detect` recognised (e.g. a ``save_pretrained`` directory)."""
+        checkpoints that :meth:`detect` recognised (e.g. a ``save_pretrained`` directory).
+
+        :param options: an instance of :attr:`load_options` (``None``: the defaults).
+        :param verify: check checksums while reading (``load(verify=...)``).
+        :param progress: as for :meth:`storage_writer`.
+        :param state_keys: the top-level keys of the state being loaded (after addons' renames),
+            for formats that place a foreign checkpoint's tensors in it.
+        """
 
     def detect(self, backend: Backend, path: str) -> bool:
         """Whether ``path`` holds a checkpoint of this format written by another tool."""

@@ -23,7 +23,7 @@ import io
 import math
 import operator
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +81,22 @@ MAX_PATH_DEPTH = 64
 MAX_PATH_INDEX = 1 << 20
 
 
+@dataclass(frozen=True, kw_only=True)
+class NativeSaveOptions:
+    """The native format's options on ``save`` (and a manager's saves)."""
+
+    thread_count: int = DEFAULT_WRITE_THREADS
+    """Writer threads per rank; each writes its own file (``__<rank>_<k>.bin``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NativeLoadOptions:
+    """The native format's options on ``load``."""
+
+    thread_count: int = DEFAULT_READ_THREADS
+    """Reader threads per rank (file sizes are checked on four times as many)."""
+
+
 @dataclass(slots=True)  # not frozen: its __init__ would cost ~1 us per chunk (32k-chunk tensors)
 class _Entry:
     fqn: str
@@ -118,11 +134,11 @@ class NativeWriter(FormatWriter):
     """Writes each rank's items into ``thread_count`` files, one writer thread per file."""
 
     def write_items(self, items: list[WriteItem], planner: SavePlanner, prefix: str) -> list[WriteResult]:
-        n_threads = max(1, int(self.options.get("thread_count", DEFAULT_WRITE_THREADS)))
+        n_threads = max(1, int(getattr(self.options, "thread_count", DEFAULT_WRITE_THREADS)))
         buckets = _split_by_size(items, n_threads)
-        names = [f"{prefix}_{k}.bin" for k in range(len(buckets))]
+        names = [self.file_name(f"{prefix}_{k}.bin") for k in range(len(buckets))]
         total = sum(_item_size(it) for it in items)
-        self._bar = Progress(total, "ckptio save", enable=_progress_enabled(self.options), delay=2.0)
+        self._bar = Progress(total, "ckptio save", enable=self.progress, delay=2.0)
         try:
             if len(buckets) <= 1:
                 return [r for b, n in zip(buckets, names) for r in self._write_file(n, b, planner)]
@@ -181,11 +197,6 @@ class NativeWriter(FormatWriter):
                 }
             )
         return {"dcp": metadata_to_json(metadata), "storage": storage}, files
-
-
-def _progress_enabled(options: dict[str, Any]) -> bool | None:
-    """``progress=False`` (background saves) silences the bar; ``None`` lets the terminal decide."""
-    return False if options.get("progress") is False else None
 
 
 def _item_size(it: WriteItem) -> int:
@@ -561,20 +572,30 @@ def _tiles(
 class NativeReader(FormatReader):
     """Reads chunks straight into destination tensors, in parallel, verifying checksums."""
 
-    def __init__(self, backend: Backend, path: str, manifest: Manifest, **options: Any) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        path: str,
+        manifest: Manifest,
+        options: NativeLoadOptions | None = None,
+        *,
+        verify: bool = True,
+        progress: bool | None = None,
+    ) -> None:
         super().__init__()
+        options = options or NativeLoadOptions()
         self.backend = backend
         self.path = path
         self.manifest = manifest
-        self.verify = bool(options.get("verify", True))
-        self.thread_count = max(1, int(options.get("thread_count", DEFAULT_READ_THREADS)))
+        self.verify = bool(verify)
+        self.thread_count = max(1, int(options.thread_count))
         where = backend.url(path)
         self.metadata, self.entries = metadata_from_json(
             manifest.format_metadata, manifest.files, where, require_checksums=self.verify
         )
         self.bytes_read = 0
         self._lock = threading.Lock()
-        self._progress = _progress_enabled(options)
+        self._progress = progress
         self._bar = Progress(0, "", enable=False)
         # Declared sizes are made true before anything sized from the metadata is allocated (by
         # one rank for all files; every rank checks the files it reads in ``read_data``).
@@ -705,16 +726,28 @@ class NativeFormat(Format):
     """DCP-planned raw tensor files with JSON metadata (see the module docstring)."""
 
     name = "native"
+    save_options = NativeSaveOptions
+    load_options = NativeLoadOptions
 
-    def storage_writer(self, backend: Backend, path: str, **options: Any) -> NativeWriter:
-        return NativeWriter(backend, path, **options)
+    def storage_writer(
+        self, backend: Backend, path: str, options: Any = None, *, progress: bool | None = None
+    ) -> NativeWriter:
+        return NativeWriter(backend, path, options or NativeSaveOptions(), progress=progress)
 
     def storage_reader(
-        self, backend: Backend, path: str, manifest: Manifest | None, **options: Any
+        self,
+        backend: Backend,
+        path: str,
+        manifest: Manifest | None,
+        options: Any = None,
+        *,
+        verify: bool = True,
+        progress: bool | None = None,
+        state_keys: Sequence[str] = (),
     ) -> NativeReader:
         if manifest is None:
             raise CorruptCheckpointError(f"{backend.url(path)}: native checkpoints need their manifest")
-        return NativeReader(backend, path, manifest, **options)
+        return NativeReader(backend, path, manifest, options, verify=verify, progress=progress)
 
     def verify(self, backend: Backend, path: str, manifest: Manifest) -> int:
         where = backend.url(path)
@@ -831,7 +864,9 @@ def register_formats(register: Any) -> None:
 
 __all__ = [
     "NativeFormat",
+    "NativeLoadOptions",
     "NativeReader",
+    "NativeSaveOptions",
     "NativeWriter",
     "metadata_from_json",
     "metadata_to_json",

@@ -113,6 +113,14 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
 
 
+def _main_part(model: Any) -> Any:
+    """The module whose config describes the model: the model itself, or for a pipeline-parallel
+    list of parts the first one with a ``config``."""
+    if isinstance(model, (list, tuple)):
+        return next((m for m in model if getattr(m, "config", None) is not None), model[0] if model else None)
+    return model
+
+
 class ConsolidatedHFAddon:
     """Exports the model as a Hugging Face directory after the commit (see the module docstring)."""
 
@@ -147,13 +155,13 @@ class ConsolidatedHFAddon:
         self.storage_options = storage_options
 
     def wanted(self, ctx: AddonContext) -> bool:
-        return self.mode == "every" or (self.mode == "final" and ctx.is_final)
+        return self.mode == "every" or (self.mode == "final" and ctx.final)
 
     def _find(self, state: dict[str, Any]) -> tuple[str, torch.nn.Module | None]:
         if self.key is not None:
             v = state.get(self.key)
-            return self.key, self.model or (v.model if isinstance(v, ModelState) else None)
-        found = [(k, v.model) for k, v in state.items() if isinstance(v, ModelState)]
+            return self.key, self.model or (_main_part(v.model) if isinstance(v, ModelState) else None)
+        found = [(k, _main_part(v.model)) for k, v in state.items() if isinstance(v, ModelState)]
         if self.model is not None:
             found = [(k, m) for k, m in found if m is self.model] or found
         if len(found) != 1:
@@ -177,7 +185,9 @@ class ConsolidatedHFAddon:
                 "consolidated-hf exports plain transformers models; for a PEFT model use the 'peft' addon, or "
                 "export model.merge_and_unload()"
             )
-        drop = tied_aliases(model) if model is not None else set()
+        state_value = ctx.state.get(key)
+        parts = state_value.parts if isinstance(state_value, ModelState) else [model]
+        drop = set().union(*(tied_aliases(p) for p in parts if p is not None))
         tensors = {k: v for k, v in entry.items() if isinstance(v, torch.Tensor) and k not in drop}
         ctx.scratch[_SCRATCH] = {"key": key, "model": model, "tensors": tensors}
 
@@ -186,27 +196,28 @@ class ConsolidatedHFAddon:
         if job is None:
             return
         backend, pg = ctx.backend, ctx.process_group
-        final = backend.join(ctx.path, self.subdir)
+        dest = backend.join(ctx.path, self.subdir)
         tensors: dict[str, torch.Tensor] = job["tensors"]
         sharded = any(isinstance(t, DTensor) for t in tensors.values())
         source = self.source if self.source != "auto" else ("checkpoint" if sharded else "memory")
         target: Target | None = None
 
-        def prepare() -> tuple[str, dict[str, torch.dtype] | None, dict[str, Any] | None]:
+        def prepare() -> tuple[str, dict[str, torch.dtype] | None, dict[str, Any] | None, torch.dtype | None]:
             nonlocal target
             # the step is this save's own: an earlier export inside it is replaced, whole
             target = Target.prepare(
-                backend, final, overwrite=True, what=backend.url(final), replace_foreign=True
+                backend, dest, overwrite=True, what=backend.url(dest), replace_foreign=True
             )
             work = target.data_dir
-            if work == final:  # an object store: uncommit the old export before writing over it
-                backend.remove(backend.join(final, INDEX_NAME))
-            for name, data in self._metadata_files(job["model"]).items():
+            if work == dest:  # an object store: uncommit the old export before writing over it
+                backend.remove(backend.join(dest, INDEX_NAME))
+            files, cast = self._metadata_files(ctx, job["model"], tensors)
+            for name, data in files.items():
                 backend.write_bytes(backend.join(work, name), data)
             if self.base_model_path is None:
-                return work, None, None
+                return work, None, None, cast
             dtypes, index = reference_layout(self.base_model_path, self.storage_options)
-            return work, dtypes, (index if self.mirror_shards else None)
+            return work, dtypes, (index if self.mirror_shards else None), cast
 
         def abort() -> None:
             if target is not None:
@@ -218,12 +229,12 @@ class ConsolidatedHFAddon:
             abort()
             raise
         assert shared is not None
-        work, dtypes, ref_index = shared
+        work, dtypes, ref_index, cast = shared
         try:
             if source == "checkpoint":
-                self._from_checkpoint(ctx, job["key"], work, ref_index)
+                self._from_checkpoint(ctx, job["key"], work, ref_index, cast)
             else:
-                self._from_memory(ctx, tensors, work, dtypes, ref_index)
+                self._from_memory(ctx, tensors, work, dtypes, ref_index, cast)
         except BaseException:
             abort()  # only the coordinator holds the target; the failure reached every rank
             raise
@@ -231,29 +242,61 @@ class ConsolidatedHFAddon:
         def publish() -> None:
             assert target is not None
             target.commit(None)  # the index is already the last file written; one rename
-            log.info("consolidated-hf: wrote %s", backend.url(final))
+            log.info("consolidated-hf: wrote %s", backend.url(dest))
 
         ext.on_coordinator(publish, pg)
 
     # -- parts ---------------------------------------------------------------------------------
-    def _metadata_files(self, model: torch.nn.Module | None) -> dict[str, bytes]:
+    def _metadata_files(
+        self, ctx: AddonContext, model: torch.nn.Module | None, tensors: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, bytes], torch.dtype | None]:
+        """``config.json``, ``generation_config.json`` and the tokenizer files, and the dtype to
+        write float weights in (``None``: as they are).
+
+        The config comes from ``config=`` (a ``PretrainedConfig``, a dict, or the URL of a
+        ``config.json`` or of a directory such as the base model's), else from the model, else from
+        the checkpoint's own ``config.json`` artifact. The weights are written in ``cast_dtype``,
+        else in the base model's dtype (``base_model_path``'s config), else in the dtype an explicit
+        or stored config names; a model's own config names the dtype of its weights, as
+        ``save_pretrained`` writes it. The config always names the dtype written.
+        """
+        from ckptio_safetensors.consolidation import (
+            CONFIG_NAME,
+            GENERATION_CONFIG_NAME,
+            export_dtype,
+            hf_config_files,
+            with_config_dtype,
+        )
+        from ckptio_safetensors.hf import parse_cast
+
         files: dict[str, bytes] = {}
         config = self.config if self.config is not None else getattr(model, "config", None)
-        if config is None:
+        own = self.config is None and config is not None
+        if isinstance(config, (str, dict)):
+            files.update(hf_config_files(config, storage_options=self.storage_options))
+        elif config is not None:
+            files.update(pretrained_files(config))
+            if own:  # the model's config names the weights' own dtype, as save_pretrained writes it
+                dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+                files = with_config_dtype(files, dtype) if dtype is not None else files
+        else:  # the checkpoint's artifacts (e.g. written by the transformers Trainer integration)
+            files.update(hf_config_files(None, ctx.backend.url(ctx.path), self.storage_options))
+        if CONFIG_NAME not in files:
             raise CheckpointError(
-                "consolidated-hf: no config.json to write; pass config= (a transformers PretrainedConfig)"
+                "consolidated-hf: no config.json to write; pass config= (a transformers PretrainedConfig, "
+                "a config dict, or the path of a config.json or of the base model's directory)"
             )
-        files.update(pretrained_files(config))
-        gen = (
-            self.generation_config
-            if self.generation_config is not None
-            else getattr(model, "generation_config", None)
-        )
+        gen = self.generation_config
+        if gen is None and GENERATION_CONFIG_NAME not in files:
+            gen = getattr(model, "generation_config", None)
         if gen is not None:
             files.update(pretrained_files(gen))
+        cast, files = export_dtype(
+            files, parse_cast(self.cast_dtype), self.base_model_path, self.storage_options, use_config=not own
+        )
         if self.tokenizer is not None:
             files.update(pretrained_files(self.tokenizer))
-        return files
+        return files, cast
 
     def _from_memory(
         self,
@@ -262,6 +305,7 @@ class ConsolidatedHFAddon:
         work: str,
         dtypes: dict[str, torch.dtype] | None,
         ref_index: dict[str, Any] | None,
+        cast: torch.dtype | None,
     ) -> None:
         from ckptio_safetensors import write_hf_checkpoint
 
@@ -278,14 +322,19 @@ class ConsolidatedHFAddon:
                 work,
                 max_shard_size=self.max_shard_size,
                 dtypes=dtypes,
-                cast_dtype=self.cast_dtype,
+                cast_dtype=cast,
                 reference_index=ref_index,
             )
 
         ext.on_coordinator(write, ctx.process_group)
 
     def _from_checkpoint(
-        self, ctx: AddonContext, key: str, work: str, ref_index: dict[str, Any] | None
+        self,
+        ctx: AddonContext,
+        key: str,
+        work: str,
+        ref_index: dict[str, Any] | None,
+        cast: torch.dtype | None,
     ) -> None:
         from ckptio_safetensors.consolidation import consolidate
 
@@ -296,7 +345,7 @@ class ConsolidatedHFAddon:
             max_shard_size=self.max_shard_size,
             reference_index=ref_index,
             dtype_reference=self.base_model_path,
-            cast_dtype=self.cast_dtype,
+            cast_dtype=cast,
             process_group=ctx.process_group,
             progress=False,
             group=key,

@@ -23,7 +23,12 @@ from typing import Any
 import ckptio_dora
 import safetensors.torch
 import torch
-from ckptio.errors import CheckpointError, CheckpointNotFoundError, StateMismatchError
+from ckptio.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StateMismatchError,
+)
 from ckptio.ext import Backend, open_backend
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -34,25 +39,111 @@ HF_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
 
 
+#: Attributes through which wrappers hold the module they stand for, and which torch's state-dict
+#: helpers leave out of the FQNs: activation checkpointing's ``CheckpointWrapper``,
+#: ``torch.compile``'s ``OptimizedModule``, FSDP1. (FSDP2's ``fully_shard`` renames nothing.)
+WRAPPER_ATTRS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+_WRAPPER_ATOMS = frozenset(WRAPPER_ATTRS)
+
+
+def canonical_name(name: str) -> str:
+    """``name`` (from ``named_modules``/``named_parameters``) without wrapper components, as
+    ``get_model_state_dict`` spells the same FQN."""
+    if not any(a in name for a in _WRAPPER_ATOMS):
+        return name
+    return ".".join(a for a in name.split(".") if a not in _WRAPPER_ATOMS)
+
+
+def unwrap(model: Any) -> Any:
+    """The module that root wrappers (``torch.compile``, ``checkpoint_wrapper``, DDP, FSDP1) stand for."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    seen = 0
+    while isinstance(model, torch.nn.Module) and seen < 16:
+        seen += 1
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+            continue
+        inner = next((model._modules[a] for a in WRAPPER_ATTRS if model._modules.get(a) is not None), None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
 def is_peft_model(model: Any) -> bool:
-    return isinstance(getattr(model, "peft_config", None), dict)
+    return isinstance(getattr(unwrap(model), "peft_config", None), dict)
 
 
-def _tuner_prefixes(model: torch.nn.Module, adapter_name: str) -> tuple[list[str], set[str]]:
-    """``<layer>.<attr>.<adapter>`` prefixes holding adapter weights, and the adapted layers' names."""
+def _root_prefix(model: Any) -> str:
+    """What the on-disk names have before the model's own FQNs: nothing for a ``PeftModel``
+    (its FQNs start with ``base_model.model.``), ``base_model.`` for a bare tuner (``LoraModel``)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    return "base_model." if isinstance(model, BaseTuner) and not isinstance(model, PeftModel) else ""
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _aux_load_map(module: torch.nn.Module, adapter_name: str) -> dict[str, str]:
+    """``{on-disk name: in-memory name}`` (relative to ``module``) of an auxiliary training wrapper
+    (``modules_to_save``, trainable tokens), as PEFT itself maps them; ``{}`` for other modules."""
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # older PEFT: modules_to_save only
+        AuxiliaryTrainingWrapper = None  # noqa: N806
+    if AuxiliaryTrainingWrapper is not None and isinstance(module, AuxiliaryTrainingWrapper):
+        try:
+            return dict(module.adapter_state_dict_load_map(adapter_name))
+        except NotImplementedError:
+            return {}
+    holder = module._modules.get("modules_to_save")
+    if type(module).__name__ == "ModulesToSaveWrapper" and isinstance(holder, torch.nn.ModuleDict):
+        if adapter_name in holder:
+            return {k: f"modules_to_save.{adapter_name}.{k}" for k in holder[adapter_name].state_dict()}
+    return {}
+
+
+@dataclass
+class AdapterLayout:
+    """Where the weights of one adapter live in a PEFT model, by canonical (state-dict) names."""
+
+    #: ``<layer>.<attr>.<adapter>`` -> ``<root><layer>.<attr>``: every key under it is the adapter's
+    prefixes: dict[str, str] = field(default_factory=dict)
+    #: whole keys of ``modules_to_save`` copies and other auxiliary wrappers -> on-disk names
+    exact: dict[str, str] = field(default_factory=dict)
+    #: the adapted (tuner) layers
+    layers: set[str] = field(default_factory=set)
+    root: str = ""
+
+
+def adapter_layout(model: torch.nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> AdapterLayout:
+    """The adapter's place in ``model`` (wrappers seen through, see :func:`canonical_name`).
+
+    Every PEFT tuner layer declares the attributes holding its adapter weights
+    (``adapter_layer_names``), and a weight is the adapter's exactly when it lives under
+    ``<layer>.<attr>.<adapter>``; ``modules_to_save`` copies are listed by their wrappers
+    (``adapter_state_dict_load_map``), as PEFT's ``get_peft_model_state_dict`` takes them.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    prefixes: list[str] = []
-    layers: set[str] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, BaseTunerLayer):
+    model = unwrap(model)
+    out = AdapterLayout(root=_root_prefix(model))
+    for raw, module in model.named_modules():
+        name = canonical_name(raw)
+        if isinstance(module, BaseTunerLayer):
+            for attr in dict.fromkeys(module.adapter_layer_names):
+                holder = getattr(module, attr, None)
+                if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and adapter_name in holder:
+                    out.prefixes[_join(name, attr, adapter_name)] = out.root + _join(name, attr)
+                    out.layers.add(name)
             continue
-        for attr in dict.fromkeys(module.adapter_layer_names):
-            holder = getattr(module, attr, None)
-            if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and adapter_name in holder:
-                prefixes.append(f"{name}.{attr}.{adapter_name}")
-                layers.add(name)
-    return prefixes, layers
+        for disk, mem in _aux_load_map(module, adapter_name).items():
+            out.exact[_join(name, mem)] = out.root + _join(name, disk)
+    return out
 
 
 def adapter_names(
@@ -60,21 +151,35 @@ def adapter_names(
 ) -> dict[str, str]:
     """Map the adapter's keys among ``keys`` (in-memory state-dict names) to their on-disk names.
 
-    Keys already renamed by the ``dora`` addon (``<layer>.lora_magnitude_vector``) are recognised.
+    The adapter's keys are its tuner weights (LoRA ``lora_A``/``lora_B``, DoRA magnitudes...) and
+    its ``modules_to_save`` copies. Keys already renamed by the ``dora`` addon
+    (``<layer>.lora_magnitude_vector``) are recognised.
     """
+    model = unwrap(model)
     if not is_peft_model(model):
         return {k: HF_PREFIX + ckptio_dora.to_hf_key(k) for k in keys if "lora_" in k}
-    prefixes, layers = _tuner_prefixes(model, adapter_name)
+    layout = adapter_layout(model, adapter_name)
+    own_magnitude = f"{ckptio_dora.HF_SUFFIX}.{adapter_name}.weight"
     out: dict[str, str] = {}
     for key in keys:
-        dora_layer = ckptio_dora.module_of(key)
-        if dora_layer is not None and dora_layer in layers and ckptio_dora.HF_SUFFIX in key:
-            out[key] = ckptio_dora.to_hf_key(key)
+        if key in layout.exact:
+            out[key] = layout.exact[key]
             continue
-        for p in prefixes:
-            if key == p or key.startswith(p + "."):
-                out[key] = p[: -len(adapter_name) - 1] + key[len(p) :]
+        dora_layer = ckptio_dora.module_of(key)
+        if dora_layer in layout.layers and (
+            key.endswith(own_magnitude) or key == dora_layer + ckptio_dora.HF_SUFFIX
+        ):
+            out[key] = layout.root + dora_layer + ckptio_dora.HF_SUFFIX
+            continue
+        head = key
+        while True:  # the longest adapter prefix of the key (the key itself for a ParameterDict)
+            disk = layout.prefixes.get(head)
+            if disk is not None:
+                out[key] = disk + key[len(head) :]
                 break
+            if "." not in head:
+                break
+            head = head.rsplit(".", 1)[0]
     return out
 
 
@@ -97,6 +202,7 @@ def peft_config_json(
 
     from peft import LoraConfig, PeftConfig
 
+    model = unwrap(model)
     cfg: Any = None
     if config is not None:
         cfg = copy.deepcopy(config) if isinstance(config, PeftConfig) else LoraConfig(**dict(config))
@@ -172,6 +278,41 @@ def read_adapter(backend: Backend, path: str) -> tuple[dict[str, torch.Tensor], 
     return normalised, config
 
 
+#: A safetensors header is a few MB at most for an adapter; a larger length means a damaged file.
+_MAX_HEADER = 100 << 20
+
+
+def stored_adapter_keys(backend: Backend, path: str) -> set[str] | None:
+    """The tensor names in ``<path>/adapter_model.safetensors`` (its header only), ``None`` when
+    there is no such file."""
+    wpath = backend.join(path, ADAPTER_WEIGHTS)
+    if not backend.exists(wpath):
+        return None
+    head = backend.read_bytes(wpath, 0, 8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < n <= _MAX_HEADER:
+        raise CorruptCheckpointError(f"{backend.url(wpath)} is not a safetensors file", path=backend.url(wpath))
+    try:
+        header = json.loads(backend.read_bytes(wpath, 8, n))
+    except ValueError as exc:
+        raise CorruptCheckpointError(
+            f"{backend.url(wpath)}: unreadable safetensors header ({exc})", path=backend.url(wpath)
+        ) from exc
+    return {k for k in header if k != "__metadata__"}
+
+
+def disk_name(disk: str, stored: set[str], adapter_name: str = DEFAULT_ADAPTER) -> str:
+    """The name under which ``stored`` holds the tensor whose current on-disk name is ``disk``:
+    ``disk`` itself, or for a DoRA magnitude its legacy form ``...lora_magnitude_vector.<adapter>.weight``
+    (older PEFT releases)."""
+    if disk in stored or not disk.endswith(ckptio_dora.HF_SUFFIX):
+        return disk
+    for candidate in (ckptio_dora.legacy_key(disk, adapter_name), ckptio_dora.legacy_key(disk)):
+        if candidate in stored:
+            return candidate
+    return disk
+
+
 def load_adapter(
     model: torch.nn.Module,
     url: str,
@@ -202,8 +343,11 @@ def load_adapter(
             f"adapter at {backend.url(path)} does not fit the model: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]} (is the PEFT config the same? pass strict=False to load what fits)"
         )
-    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    targets.update(model.named_buffers(remove_duplicate=False))
+    inner = unwrap(model)
+    targets: dict[str, torch.Tensor] = {
+        canonical_name(n): t for n, t in inner.named_parameters(remove_duplicate=False)
+    }
+    targets.update((canonical_name(n), t) for n, t in inner.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for disk in sorted(k for k in tensors if k in inverse):
             _copy_full_into(targets[inverse[disk]], tensors[disk])

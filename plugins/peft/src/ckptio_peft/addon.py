@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from ckptio.errors import CheckpointError
-from ckptio.ext import AddonContext, ModelState, full_tensor, pretrained_files
+from ckptio.ext import AddonContext, ModelState, addon_hook, full_tensor, pretrained_files
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from .adapter import (
@@ -43,8 +43,10 @@ from .adapter import (
     DEFAULT_ADAPTER,
     adapter_bytes,
     adapter_names,
+    disk_name,
     is_peft_model,
     peft_config_json,
+    stored_adapter_keys,
 )
 
 _CONFIG_OPTIONS = ("r", "lora_alpha", "target_modules", "use_dora", "task_type", "bias")
@@ -97,6 +99,8 @@ class PeftAddon:
         return f"{self.subdir}/{name}" if self.subdir else name
 
     # -- hooks ---------------------------------------------------------------------------------
+    # transform last and restore first: renaming addons (``dora``) wrap around this one
+    @addon_hook(trylast=True)
     def transform_state_dict(self, ctx: AddonContext, state_dict: dict[str, Any]) -> None:
         model, key = self._find(ctx.state)
         if model is None:
@@ -107,6 +111,11 @@ class PeftAddon:
                 )
             return
         entry = state_dict.get(key) if key is not None else None
+        if ctx.op == "load" and ctx.manifest is None:  # not a ckptio checkpoint: a PEFT directory?
+            stored = stored_adapter_keys(ctx.backend, ctx.path)
+            if stored is not None:
+                self._read_peft_directory(ctx, state_dict, model, key, entry, stored)
+                return
         if not isinstance(entry, dict):  # model given only as an option: take its adapter directly
             entry, key = None, None
             source = get_model_state_dict(model) if ctx.op == "save" else {}
@@ -125,7 +134,54 @@ class PeftAddon:
             if ctx.op == "load":
                 ctx.scratch["peft.removed"] = (key, removed)
 
+    def _read_peft_directory(
+        self,
+        ctx: AddonContext,
+        state_dict: dict[str, Any],
+        model: torch.nn.Module,
+        key: str | None,
+        entry: Any,
+        stored: set[str],
+    ) -> None:
+        """Load from a directory PEFT's ``save_pretrained`` wrote (or any ``adapter_model.safetensors``
+        without a manifest): the destination's adapter tensors go to the top level of the state
+        under their on-disk names (legacy DoRA names where the file has those), so the foreign
+        reader finds them as they are stored; the model entry (base weights: not in the file)
+        is set aside and handed back by :meth:`restore_state_dict`."""
+        if not isinstance(entry, dict):  # the model given only as an option: load into it in place
+            key, entry = None, None
+            source: dict[str, Any] = get_model_state_dict(model)
+        else:
+            source = entry
+        names = adapter_names(model, list(source), self.adapter_name)
+        if not names:
+            raise CheckpointError(
+                f"peft addon: the model has no weights of adapter {self.adapter_name!r} to load "
+                f"{ctx.url} into (is it a PEFT model with the adapter's config? is adapter_name right?)"
+            )
+        moved: list[tuple[str, str]] = []
+        for mem, disk in names.items():
+            name = disk_name(disk, stored, self.adapter_name)
+            if name in state_dict:
+                raise CheckpointError(f"peft addon: {name!r} is already a top-level key of the state")
+            state_dict[name] = source[mem]
+            moved.append((mem, name))
+        items = list(entry.items()) if entry is not None else []
+        if key is not None:
+            del state_dict[key]
+        ctx.scratch["peft.directory"] = (key, items, moved)
+
+    @addon_hook(tryfirst=True)
     def restore_state_dict(self, ctx: AddonContext, state_dict: dict[str, Any]) -> None:
+        directory = ctx.scratch.pop("peft.directory", None)
+        if directory is not None:
+            key, items, moved = directory
+            loaded = {mem: state_dict.pop(name, None) for mem, name in moved}
+            if key is not None:
+                state_dict[key] = {
+                    k: (loaded[k] if loaded.get(k) is not None else v) for k, v in items
+                }
+            return
         key, removed = ctx.scratch.pop("peft.removed", (None, {}))
         if key is not None and isinstance(state_dict.get(key), dict):
             state_dict[key].update(removed)

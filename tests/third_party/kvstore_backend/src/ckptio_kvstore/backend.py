@@ -73,23 +73,48 @@ class KVBackend(Backend):
 
     @contextlib.contextmanager
     def open_write(self, path: str) -> Iterator[BinaryIO]:
+        if isinstance(self.store, _DirStore):  # stream to a temporary file, then replace whole
+            final = self.store._file(path)
+            tmp = f"{final}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f  # type: ignore[misc]
+                os.replace(tmp, final)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            return
         buf = io.BytesIO()
         yield buf  # an error in the body leaves nothing behind
         self.store[path] = buf.getvalue()
 
     @contextlib.contextmanager
     def open_read(self, path: str) -> Iterator[BinaryIO]:
-        yield io.BytesIO(self._get(path))
+        if isinstance(self.store, _DirStore):  # a real file: reads and seeks cost no copy
+            try:
+                f = open(self.store._file(path), "rb")
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(f"{self.url(path)}: no such key") from None
+            with f:
+                yield f
+            return
+        yield io.BytesIO(self._get(path))  # shares the stored bytes until written to
 
     def read_bytes(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = self._get(path)
-        return data[offset:] if length is None else data[offset : offset + length]
+        with self.open_read(path) as f:
+            f.seek(offset)
+            return f.read() if length is None else f.read(length)
 
     def exists(self, path: str) -> bool:
         prefix = path.rstrip("/") + "/"
         return path in self.store or any(k.startswith(prefix) for k in self.store)
 
     def size(self, path: str) -> int:
+        if isinstance(self.store, _DirStore):
+            try:
+                return os.path.getsize(self.store._file(path))
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(f"{self.url(path)}: no such key") from None
         return len(self._get(path))
 
     def listdir(self, path: str) -> list[str]:
