@@ -249,6 +249,8 @@ def _is_complete(backend: Backend, path: str) -> bool:
 
 
 Groups = dict[str | None, dict[str, str]]  # token -> {suffix: entry}
+TEMP_KEY = "tmp:"  # group key prefix of a lease's interrupted temporary files
+_TEMP_OF_RE = re.compile(r"^\.(?P<of>\..+)\.[0-9a-f]{8,32}\.tmp$")
 
 
 def _groups(backend: Backend, parent: str, name: str) -> Groups:
@@ -258,6 +260,12 @@ def _groups(backend: Backend, parent: str, name: str) -> Groups:
         parsed = parse_leftover(entry)
         if parsed is not None and parsed[0] == name:
             groups.setdefault(parsed[1], {})[parsed[2]] = entry
+            continue
+        # a temporary file of a lease rewrite that a kill interrupted (``..<lease>.<hex>.tmp``)
+        temp = _TEMP_OF_RE.match(entry)
+        parsed = parse_leftover(temp.group("of")) if temp else None
+        if parsed is not None and parsed[0] == name:
+            groups.setdefault(parsed[1], {})[TEMP_KEY + entry] = entry
     return groups
 
 
@@ -278,7 +286,8 @@ def _split_live(backend: Backend, parent: str, groups: Groups) -> tuple[Groups, 
 def _remove_dead(backend: Backend, parent: str, dead: Groups, *, keep_moved_aside: bool, quiet: bool) -> None:
     """Remove dead entries, each lease last. ``quiet``: failures are logged, not raised."""
     for entries in dead.values():
-        for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX, LEASE_SUFFIX):
+        temps = [key for key in entries if key.startswith(TEMP_KEY)]
+        for suffix in (*temps, PARTIAL_SUFFIX, OLD_SUFFIX, LEASE_SUFFIX):
             leftover = entries.get(suffix)
             if leftover is None or (suffix == OLD_SUFFIX and keep_moved_aside):
                 continue

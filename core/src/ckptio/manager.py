@@ -270,9 +270,11 @@ class CheckpointManager:
             self._run_lock = Heartbeat(self.backend, self._lock_path())
 
     def _remove_stale_temps(self) -> None:
-        """Temporary files of an interrupted ``latest`` rewrite (only the lock holder writes it)."""
+        """Temporary files of an interrupted ``latest`` or lock rewrite (only the lock holder
+        writes either; a killed process leaves ``.<name>.<hex>.tmp``)."""
+        lock_name = self._lock_path().rsplit("/", 1)[-1]
         for name in self.backend.listdir(self.root.path):
-            if name.startswith(f".{LATEST_NAME}.") and name.endswith(".tmp"):
+            if name.startswith((f".{LATEST_NAME}.", f".{lock_name}.")) and name.endswith(".tmp"):
                 try:
                     self.backend.remove(self.backend.join(self.root.path, name))
                 except CheckpointError as exc:
