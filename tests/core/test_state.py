@@ -224,13 +224,19 @@ def test_parts_reshard_to_another_split_and_to_one_model(tmp_path: Path) -> None
     _pp_train(src, opts, scheds)
     ckptio.save(state, str(tmp_path / "ck"))
     expected = {n: t.clone() for p in src for n, t in p.state_dict().items()}
-    expected_avg = {n: opts[i].state[p]["exp_avg"] for i, part in enumerate(src) for n, p in part.named_parameters()}
+    expected_avg = {
+        n: opts[i].state[p]["exp_avg"] for i, part in enumerate(src) for n, p in part.named_parameters()
+    }
 
     three = _split(_pp_model(1), [["embed"], ["l0", "l1"], ["head"]])
     three_state, three_opts, _ = _pp_state(three, lrs=(1e-2, 1e-2, 1e-2))
     ckptio.load(three_state, str(tmp_path / "ck"))
     assert all(torch.equal(t, expected[n]) for p in three for n, t in p.state_dict().items())
-    got = {n: three_opts[i].state[p]["exp_avg"] for i, part in enumerate(three) for n, p in part.named_parameters()}
+    got = {
+        n: three_opts[i].state[p]["exp_avg"]
+        for i, part in enumerate(three)
+        for n, p in part.named_parameters()
+    }
     assert got.keys() == expected_avg.keys() and all(torch.equal(got[n], expected_avg[n]) for n in got)
 
     whole = _pp_model(2)

@@ -83,7 +83,9 @@ def test_a_ckptio_checkpoint_loads_with_peft_and_resumes_through_ckptio(tmp_path
     src = _peft(use_dora, head)
     opt = torch.optim.AdamW([p for p in src.parameters() if p.requires_grad], lr=1e-3)
     url = str(tmp_path / "ck")
-    ckptio.save({"model": ckptio.ModelState(src), "optim": ckptio.OptimizerState(src, opt)}, url, addons=["peft"])
+    ckptio.save(
+        {"model": ckptio.ModelState(src), "optim": ckptio.OptimizerState(src, opt)}, url, addons=["peft"]
+    )
 
     # the adapter file is the one PEFT writes, key for key
     src.save_pretrained(tmp_path / "hf")
@@ -98,7 +100,11 @@ def test_a_ckptio_checkpoint_loads_with_peft_and_resumes_through_ckptio(tmp_path
 
     dest = _peft(use_dora, head, trained=False)
     dest_opt = torch.optim.AdamW([p for p in dest.parameters() if p.requires_grad], lr=1e-3)
-    ckptio.load({"model": ckptio.ModelState(dest), "optim": ckptio.OptimizerState(dest, dest_opt)}, url, addons=["peft"])
+    ckptio.load(
+        {"model": ckptio.ModelState(dest), "optim": ckptio.OptimizerState(dest, dest_opt)},
+        url,
+        addons=["peft"],
+    )
     assert torch.equal(logits(dest), logits(src))
 
 
@@ -107,7 +113,9 @@ def test_legacy_dora_names_load_through_ckptio_load(tmp_path):
     src.save_pretrained(tmp_path / "hf")
     path = str(tmp_path / "hf" / "adapter_model.safetensors")
     tensors = safetensors.torch.load_file(path)
-    legacy = {(k + ".default.weight" if k.endswith(".lora_magnitude_vector") else k): v for k, v in tensors.items()}
+    legacy = {
+        (k + ".default.weight" if k.endswith(".lora_magnitude_vector") else k): v for k, v in tensors.items()
+    }
     safetensors.torch.save_file(legacy, path, metadata={"format": "pt"})
     for addons in (["peft"], ["dora", "peft"], ["peft", "dora"]):
         dest = _peft(use_dora=True, trained=False)
@@ -147,7 +155,9 @@ def _compiled(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model)  # never run: the wrapper (``_orig_mod``) is what matters here
 
 
-@pytest.mark.parametrize("wrap", [_checkpoint_wrapped, _compiled], ids=["checkpoint_wrapper", "torch_compile"])
+@pytest.mark.parametrize(
+    "wrap", [_checkpoint_wrapped, _compiled], ids=["checkpoint_wrapper", "torch_compile"]
+)
 def test_adapter_keys_are_found_through_wrappers(tmp_path, wrap):
     plain = _peft(use_dora=True, head=True)
     expected = logits(plain)
@@ -179,7 +189,9 @@ def test_adapters_only_state_is_small_and_resumes_strictly(tmp_path):
     src.eval()
     full, small = str(tmp_path / "full"), str(tmp_path / "small")
     ckptio.save({"model": ckptio.ModelState(src)}, full)
-    ckptio.save({"model": ckptio.ModelState(src, adapters_only=True), "optim": ckptio.OptimizerState(src, opt)}, small)
+    ckptio.save(
+        {"model": ckptio.ModelState(src, adapters_only=True), "optim": ckptio.OptimizerState(src, opt)}, small
+    )
     # adapter + its optimizer state against the model alone: still several times smaller
     assert ckptio.manifest(small).total_bytes * 5 < ckptio.manifest(full).total_bytes
     stored = {k for k in _stored(small) if k.startswith("model.")}
@@ -189,7 +201,10 @@ def test_adapters_only_state_is_small_and_resumes_strictly(tmp_path):
     base_before = dest.base_model.model.model.embed_tokens.weight.clone()
     dest_opt = torch.optim.AdamW([p for p in dest.parameters() if p.requires_grad], lr=1e-3)
     ckptio.load(
-        {"model": ckptio.ModelState(dest, adapters_only=True), "optim": ckptio.OptimizerState(dest, dest_opt)},
+        {
+            "model": ckptio.ModelState(dest, adapters_only=True),
+            "optim": ckptio.OptimizerState(dest, dest_opt),
+        },
         small,
         strict=True,
     )

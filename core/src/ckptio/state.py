@@ -149,7 +149,9 @@ class OptimizerState(Stateful):
         schedulers = [s.state_dict() for s in self._schedulers()]
         if schedulers:
             same = all(_equal(s, schedulers[0]) for s in schedulers[1:])
-            sd["scheduler"] = schedulers[0] if same or not isinstance(self.scheduler, (list, tuple)) else schedulers
+            sd["scheduler"] = (
+                schedulers[0] if same or not isinstance(self.scheduler, (list, tuple)) else schedulers
+            )
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -25,12 +25,23 @@ the old index goes first, the metadata and shards follow and the index is writte
 directory without ``model.safetensors.index.json`` is incomplete. Being inside the step
 directory, it is deleted with the step by retention.
 
-Options: ``mode`` (``"every"``, ``"final"`` (default: only the save with ``final=True``), ``"off"``),
-``model``/``key`` (default: the ``ckptio.ModelState`` in the state), ``config``,
-``generation_config``, ``tokenizer``, ``base_model_path`` (an HF directory, any URL: original
-per-tensor dtypes are restored from its headers and, with ``mirror_shards``, its file layout is
-reused), ``max_shard_size`` (``"5GB"``), ``cast_dtype``, ``subdir`` (``"consolidated"``),
-``source``, ``storage_options`` (for reading ``base_model_path``/the checkpoint by URL).
+``config.json`` and ``generation_config.json`` come from ``config=`` (a ``PretrainedConfig``, a
+dict, or the URL of a ``config.json`` or of a directory holding one, e.g. the base model), else
+from the model (``model.config``, ``model.generation_config``), else from the checkpoint's own
+``config.json`` artifact, so the directory loads with ``from_pretrained`` as it is. Float weights
+are written in ``cast_dtype``, else in the base model's dtype (the ``dtype``/``torch_dtype`` of
+``base_model_path``'s or of an explicit or stored config), else as they are in memory; the
+written config names that dtype (a model's own config names its weights' dtype, as
+``save_pretrained`` does).
+
+Options: ``mode`` (``"every"``, ``"final"`` (default: only the save with ``final=True``, the last
+save of a run; ``CheckpointManager.close()`` saves nothing and so never exports), ``"off"``),
+``model``/``key`` (default: the ``ckptio.ModelState`` in the state; for a list of pipeline parts
+the first part with a ``config``), ``config``, ``generation_config``, ``tokenizer``,
+``base_model_path`` (an HF directory, any URL: original per-tensor dtypes are restored from its
+headers and, with ``mirror_shards``, its file layout is reused), ``max_shard_size`` (``"5GB"``),
+``cast_dtype``, ``subdir`` (``"consolidated"``), ``source``, ``storage_options`` (for reading
+``base_model_path``/``config``/the checkpoint by URL).
 """
 
 from __future__ import annotations

@@ -7,9 +7,13 @@ The on-disk convention is HF PEFT's (``save_pretrained`` / ``PeftModel.from_pret
 
 The names are computed from the model rather than by pattern matching: every PEFT tuner layer
 declares the attributes holding its adapter weights (``adapter_layer_names``), and a weight is
-the adapter's exactly when it lives under ``<layer>.<attr>.<adapter>``. Models that are not PEFT
-models (NeMo AutoModel style, where LoRA modules carry ``lora_`` names and no adapter name) fall
-back to "every key containing ``lora_``", prefixed with ``base_model.model.`` on disk.
+the adapter's exactly when it lives under ``<layer>.<attr>.<adapter>``; ``modules_to_save`` copies
+(``<module>.modules_to_save.<adapter>.weight`` in memory, ``<module>.weight`` on disk) are mapped
+by their wrappers' own ``adapter_state_dict_load_map``, as PEFT does. Module names are taken as
+torch's state-dict helpers spell them, without wrapper components (``_checkpoint_wrapped_module``,
+``_orig_mod``, ``_fsdp_wrapped_module``), so wrapped models are seen through. Models that are not
+PEFT models (NeMo AutoModel style, where LoRA modules carry ``lora_`` names and no adapter name)
+fall back to "every key containing ``lora_``", prefixed with ``base_model.model.`` on disk.
 """
 
 from __future__ import annotations
@@ -91,13 +95,12 @@ def _join(*parts: str) -> str:
 def _aux_load_map(module: torch.nn.Module, adapter_name: str) -> dict[str, str]:
     """``{on-disk name: in-memory name}`` (relative to ``module``) of an auxiliary training wrapper
     (``modules_to_save``, trainable tokens), as PEFT itself maps them; ``{}`` for other modules."""
-    try:
-        from peft.utils.other import AuxiliaryTrainingWrapper
-    except ImportError:  # older PEFT: modules_to_save only
-        AuxiliaryTrainingWrapper = None  # noqa: N806
-    if AuxiliaryTrainingWrapper is not None and isinstance(module, AuxiliaryTrainingWrapper):
+    import peft.utils.other
+
+    aux: Any = getattr(peft.utils.other, "AuxiliaryTrainingWrapper", None)  # older PEFT: none
+    if aux is not None and isinstance(module, aux):
         try:
-            return dict(module.adapter_state_dict_load_map(adapter_name))
+            return dict(module.adapter_state_dict_load_map(adapter_name))  # type: ignore[operator]
         except NotImplementedError:
             return {}
     holder = module._modules.get("modules_to_save")
@@ -137,7 +140,10 @@ def adapter_layout(model: torch.nn.Module, adapter_name: str = DEFAULT_ADAPTER) 
         if isinstance(module, BaseTunerLayer):
             for attr in dict.fromkeys(module.adapter_layer_names):
                 holder = getattr(module, attr, None)
-                if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and adapter_name in holder:
+                if (
+                    isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict))
+                    and adapter_name in holder
+                ):
                     out.prefixes[_join(name, attr, adapter_name)] = out.root + _join(name, attr)
                     out.layers.add(name)
             continue
@@ -291,7 +297,9 @@ def stored_adapter_keys(backend: Backend, path: str) -> set[str] | None:
     head = backend.read_bytes(wpath, 0, 8)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 0 < n <= _MAX_HEADER:
-        raise CorruptCheckpointError(f"{backend.url(wpath)} is not a safetensors file", path=backend.url(wpath))
+        raise CorruptCheckpointError(
+            f"{backend.url(wpath)} is not a safetensors file", path=backend.url(wpath)
+        )
     try:
         header = json.loads(backend.read_bytes(wpath, 8, n))
     except ValueError as exc:

@@ -19,7 +19,14 @@ writes into the checkpoint directory (or ``subdir``):
 
 so ``PeftModel.from_pretrained(base_model, "<root>/step_00000100")`` works on the step directory.
 Under FSDP2 the adapter shards are gathered (over ckptio's own process group, see
-:mod:`ckptio.gather`) and written once.
+:mod:`ckptio.gather`) and written once. The adapter is the tuner weights and the
+``modules_to_save`` copies (a trained classifier or ``lm_head``), in the file and in the native entry.
+
+The other way round, ``ckptio.load(state, url, addons=["peft"])`` also reads a directory PEFT's
+``save_pretrained`` wrote (no manifest, an ``adapter_model.safetensors``): the destination's adapter
+tensors are looked up under their on-disk names (legacy DoRA names included) and the base weights
+are left as they are. Such a directory holds the adapter only, so a strict load wants a state
+holding just the model.
 
 Options (``addons=[("peft", {...})]``): ``model`` (else the ``ckptio.ModelState`` in the state that
 wraps a PEFT model), ``adapter_name`` (``"default"``), ``tokenizer``, ``subdir`` (``""``),
@@ -84,7 +91,11 @@ class PeftAddon:
     # -- which model ---------------------------------------------------------------------------
     def _find(self, state: dict[str, Any]) -> tuple[torch.nn.Module | None, str | None]:
         """The model and its key in the state: the explicit one, else the (PEFT) ``ModelState``."""
-        wrapped = [(k, v.model) for k, v in state.items() if isinstance(v, ModelState)]
+        wrapped = [
+            (k, v.model)  # a list of pipeline parts is not a PEFT model: pass ('peft', {'model': m})
+            for k, v in state.items()
+            if isinstance(v, ModelState) and isinstance(v.model, torch.nn.Module)
+        ]
         if self.model is not None:
             return self.model, next((k for k, m in wrapped if m is self.model), None)
         peft = [(k, m) for k, m in wrapped if is_peft_model(m)]
@@ -178,9 +189,7 @@ class PeftAddon:
             key, items, moved = directory
             loaded = {mem: state_dict.pop(name, None) for mem, name in moved}
             if key is not None:
-                state_dict[key] = {
-                    k: (loaded[k] if loaded.get(k) is not None else v) for k, v in items
-                }
+                state_dict[key] = {k: (loaded[k] if loaded.get(k) is not None else v) for k, v in items}
             return
         key, removed = ctx.scratch.pop("peft.removed", (None, {}))
         if key is not None and isinstance(state_dict.get(key), dict):
