@@ -1,15 +1,18 @@
 """ckptio-lightning with the real ``lightning`` package: fit, interrupt, resume, top-k, async.
 
 Every run is a tiny CPU model (4 steps an epoch); a test takes a few seconds, most of it
-Lightning's own start-up.
+Lightning's own start-up. Saves run in three modes: ``sync``, ``async`` (inside Lightning's
+``AsyncCheckpointIO``) and ``ckptio-async`` (the plugin's own ``async_save=True``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import pickle
 import subprocess
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,16 @@ REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 4
 
 
-def io(async_: bool = False, **kwargs: Any) -> Any:
+MODES = ["sync", "async", "ckptio-async"]
+
+
+def io(mode: str = "sync", **kwargs: Any) -> Any:
+    """The plugin as a Trainer gets it in ``mode`` (see the module docstring); ``ckptio-async-2``
+    is ``ckptio-async`` with two saves in flight."""
+    if mode.startswith("ckptio-async"):
+        return CkptioCheckpointIO(async_save=True, max_in_flight=2 if mode.endswith("-2") else 1, **kwargs)
     plugin = CkptioCheckpointIO(**kwargs)
-    return AsyncCheckpointIO(plugin) if async_ else plugin
+    return AsyncCheckpointIO(plugin) if mode == "async" else plugin
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +82,12 @@ def interrupted_then_resumed(
 
 
 # -- resume ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", MODES)
 def test_interrupted_fit_resumes_from_last_locally(
-    tmp_path: Path, reference: dict[str, torch.Tensor], async_: bool
+    tmp_path: Path, reference: dict[str, torch.Tensor], mode: str
 ) -> None:
     d = tmp_path / "ckpts"
-    model = interrupted_then_resumed(str(d), lambda: io(async_))
+    model = interrupted_then_resumed(str(d), lambda: io(mode))
     assert_same_params(reference, model)
     # every .ckpt is a committed ckptio checkpoint directory; top-2 plus last, nothing else
     names = sorted(os.listdir(d))
@@ -89,15 +99,15 @@ def test_interrupted_fit_resumes_from_last_locally(
 
 
 @pytest.mark.servers
-@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", MODES)
 def test_interrupted_fit_resumes_from_last_on_s3(
-    s3_env: Any, s3_bucket: str, reference: dict[str, torch.Tensor], async_: bool
+    s3_env: Any, s3_bucket: str, reference: dict[str, torch.Tensor], mode: str
 ) -> None:
     # Lightning's own fsspec calls (ModelCheckpoint listing the dirpath) read the AWS_* variables
     # s3_env exports; ckptio gets its options explicitly
     opts = s3_env.storage_options()
     dirpath = f"s3://{s3_bucket}/run/ckpts"
-    model = interrupted_then_resumed(dirpath, lambda: io(async_, storage_options=opts), CkptioModelCheckpoint)
+    model = interrupted_then_resumed(dirpath, lambda: io(mode, storage_options=opts), CkptioModelCheckpoint)
     assert_same_params(reference, model)
     keys = sorted(o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_bucket).get("Contents", []))
     tops = sorted({k.split("/")[2] for k in keys})
@@ -108,16 +118,16 @@ def test_interrupted_fit_resumes_from_last_on_s3(
 
 
 # -- ModelCheckpoint ---------------------------------------------------------------------------
-@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
-def test_top_k_keeps_k_and_last(tmp_path: Path, async_: bool) -> None:
+@pytest.mark.parametrize("mode", [*MODES, "ckptio-async-2"])
+def test_top_k_keeps_k_and_last(tmp_path: Path, mode: str) -> None:
     d = tmp_path / "ckpts"
     # a checkpoint every step, the 3 highest steps kept: saves and removals interleave tightly,
-    # so with AsyncCheckpointIO a removal often finds its save still queued
+    # so in the async modes a removal often finds its save still queued
     cb = ModelCheckpoint(
         dirpath=d, monitor="step", mode="max", save_top_k=3, every_n_train_steps=1, save_last=True
     )
     model = fresh_model()
-    trainer(max_epochs=3, plugins=[io(async_)], callbacks=[cb]).fit(model)
+    trainer(max_epochs=3, plugins=[io(mode)], callbacks=[cb]).fit(model)
     steps = 3 * STEPS_PER_EPOCH
     want = [f"epoch=2-step={s}.ckpt" for s in (steps - 2, steps - 1, steps)] + ["last.ckpt"]
     assert sorted(os.listdir(d)) == sorted(want)
@@ -150,8 +160,6 @@ def test_save_last_link(tmp_path: Path, reference: dict[str, torch.Tensor]) -> N
 def test_removed_while_being_saved_in_the_background(tmp_path: Path) -> None:
     """AsyncCheckpointIO calls remove_checkpoint while the save may still be queued: the removal
     waits, so the checkpoint does not come back afterwards."""
-    import threading
-
     gate = threading.Event()
     inner = CkptioCheckpointIO()
     real_save = inner.save_checkpoint
@@ -169,6 +177,180 @@ def test_removed_while_being_saved_in_the_background(tmp_path: Path) -> None:
     wrapper.remove_checkpoint(tmp_path / "b.ckpt")
     wrapper.teardown()
     assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]
+
+
+# -- async_save=True ---------------------------------------------------------------------------
+class Gate:
+    """Holds every background write of ``plugin`` until :meth:`open` (the writes stay queued)."""
+
+    def __init__(self, plugin: CkptioCheckpointIO) -> None:
+        self.opened = threading.Event()
+        self.writes: list[str] = []  # urls, in the order they were written
+        real = plugin._write
+
+        def write(tensors: Any, skeleton: Any, url: str, *args: Any) -> None:
+            assert self.opened.wait(30), "the gate was never opened"
+            real(tensors, skeleton, url, *args)
+            self.writes.append(url)
+
+        plugin._write = write  # type: ignore[method-assign]
+
+    def open(self, after: float = 0.0) -> None:
+        if after:
+            threading.Timer(after, self.opened.set).start()
+        else:
+            self.opened.set()
+
+
+def ckpt(w: torch.Tensor, step: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"state_dict": {"w": w, "b": torch.zeros(2)}, "global_step": step, **extra}
+
+
+def committed(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def test_ckptio_async_returns_before_the_write_and_saves_a_snapshot(tmp_path: Path) -> None:
+    plugin = CkptioCheckpointIO(async_save=True)
+    gate = Gate(plugin)
+    w = torch.ones(4)
+    plugin.save_checkpoint(ckpt(w, 1), tmp_path / "a.ckpt")  # returns with the write held
+    assert not (tmp_path / "a.ckpt").exists()
+    w.add_(1)  # training goes on and changes the weights in place
+    gate.open()
+    plugin.wait()
+    back = CkptioCheckpointIO().load_checkpoint(tmp_path / "a.ckpt")
+    assert torch.equal(back["state_dict"]["w"], torch.ones(4)) and back["global_step"] == 1
+    assert ckptio.manifest(str(tmp_path / "a.ckpt")).metadata["lightning"]["global_step"] == 1
+    plugin.teardown()
+
+
+def test_ckptio_async_reuses_host_buffers_keyed_on_layout(tmp_path: Path) -> None:
+    plugin = CkptioCheckpointIO(async_save=True)
+    w = torch.arange(6, dtype=torch.float32)
+
+    def buffers() -> dict[str, int]:
+        stager = plugin._stagers[0]
+        assert stager is not None
+        return {k: b.data_ptr() for k, b in stager._buffers.items()}
+
+    plugin.save_checkpoint(ckpt(w, 1), tmp_path / "a.ckpt")
+    first = buffers()
+    assert set(first) == {"state_dict.w", "state_dict.b"}
+    plugin.save_checkpoint(ckpt(w + 1, 2), tmp_path / "b.ckpt")
+    assert buffers() == first  # same names and layouts: the same memory, nothing allocated
+    plugin.save_checkpoint(ckpt(w.view(2, 3), 3), tmp_path / "c.ckpt")  # a new shape for w
+    now = buffers()
+    assert now["state_dict.b"] == first["state_dict.b"]
+    plugin.save_checkpoint(ckpt(torch.ones(2, 3, dtype=torch.float64), 4), tmp_path / "d.ckpt")
+    assert buffers()["state_dict.b"] == first["state_dict.b"]
+    plugin.teardown()
+    assert plugin._stagers == [None]  # released
+    reader = CkptioCheckpointIO()
+    expected = {"a": w, "b": w + 1, "c": w.view(2, 3), "d": torch.ones(2, 3, dtype=torch.float64)}
+    for name, want in expected.items():
+        got = reader.load_checkpoint(tmp_path / f"{name}.ckpt")["state_dict"]["w"]
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+def test_ckptio_async_refuses_a_bad_value_before_returning(tmp_path: Path) -> None:
+    plugin = CkptioCheckpointIO(async_save=True)
+    bad = ckpt(torch.ones(2), hyper_parameters={"tokenizer": Tokenizer()})
+    with pytest.raises(ckptio.StateMismatchError, match=r"checkpoint\['hyper_parameters'\]\['tokenizer'\]"):
+        plugin.save_checkpoint(bad, tmp_path / "x.ckpt")
+    assert plugin._jobs == [] and plugin._executor is None  # nothing staged, nothing queued
+    plugin.teardown()
+    assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_ckptio_async_failure_is_raised_by_the_next_save_and_by_teardown(tmp_path: Path) -> None:
+    plugin = CkptioCheckpointIO(async_save=True)
+    real = plugin._write
+    fail = {"a.ckpt", "c.ckpt"}
+
+    def write(tensors: Any, skeleton: Any, url: str, *args: Any) -> None:
+        if os.path.basename(url) in fail:
+            raise OSError(28, "No space left on device")
+        real(tensors, skeleton, url, *args)
+
+    plugin._write = write  # type: ignore[method-assign]
+    plugin.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "a.ckpt")  # fails in the background
+    with pytest.raises(ckptio.AsyncSaveError, match=r"a\.ckpt failed: .*No space left") as err:
+        plugin.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "b.ckpt")
+    assert isinstance(err.value.__cause__, OSError)
+    assert not (tmp_path / "b.ckpt").exists()  # that save did not start
+    plugin.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "b.ckpt")  # each failure is raised once
+    plugin.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "c.ckpt")
+    with pytest.raises(ckptio.AsyncSaveError, match=r"c\.ckpt failed"):
+        plugin.teardown()
+    assert plugin._executor is None
+    plugin.teardown()  # nothing left to raise
+    assert committed(tmp_path / "b.ckpt") and not committed(tmp_path / "c.ckpt")
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+def test_ckptio_async_waits_for_a_free_slot(tmp_path: Path, max_in_flight: int) -> None:
+    """At most ``max_in_flight`` saves staged and not yet written; the next one waits."""
+    plugin = CkptioCheckpointIO(async_save=True, max_in_flight=max_in_flight)
+    gate = Gate(plugin)
+    names = [f"s{i}.ckpt" for i in range(max_in_flight + 1)]
+    for name in names[:-1]:
+        plugin.save_checkpoint(ckpt(torch.ones(3)), tmp_path / name)  # returns: a slot was free
+    last = threading.Thread(target=plugin.save_checkpoint, args=(ckpt(torch.ones(3)), tmp_path / names[-1]))
+    last.start()
+    last.join(0.5)
+    assert last.is_alive(), "a save past max_in_flight returned while every slot was busy"
+    gate.open()
+    last.join(30)
+    assert not last.is_alive()
+    plugin.teardown()
+    assert [os.path.basename(u) for u in gate.writes] == names  # one writer, in order
+    assert all(committed(tmp_path / n) for n in names)
+
+
+def test_ckptio_async_removal_and_load_wait_for_the_queued_save(tmp_path: Path) -> None:
+    plugin = CkptioCheckpointIO(async_save=True, max_in_flight=2)
+    gate = Gate(plugin)
+    plugin.save_checkpoint(ckpt(torch.ones(2), 1), tmp_path / "a.ckpt")
+    plugin.save_checkpoint(ckpt(torch.full((2,), 2.0), 2), tmp_path / "b.ckpt")
+    gate.open(after=0.3)
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")  # waits for a's write, then removes it
+    assert gate.opened.is_set() and not (tmp_path / "a.ckpt").exists()
+    back = plugin.load_checkpoint(tmp_path / "b.ckpt")  # waits for b's write
+    assert back["global_step"] == 2 and torch.equal(back["state_dict"]["w"], torch.full((2,), 2.0))
+    plugin.teardown()
+    assert sorted(os.listdir(tmp_path)) == ["b.ckpt"]
+
+
+def test_ckptio_async_teardown_waits_and_the_plugin_works_again(tmp_path: Path) -> None:
+    plugin = CkptioCheckpointIO(async_save=True)
+    gate = Gate(plugin)
+    plugin.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "a.ckpt")
+    gate.open(after=0.3)
+    plugin.teardown()  # Lightning's end of fit: the checkpoint is committed when it returns
+    assert committed(tmp_path / "a.ckpt")
+    assert plugin._executor is None and plugin._stagers == [None]
+    plugin.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "b.ckpt")  # a second fit
+    plugin.teardown()
+    assert committed(tmp_path / "b.ckpt")
+
+
+def test_ckptio_async_plugin_pickles_without_its_threads(tmp_path: Path) -> None:
+    plugin = CkptioCheckpointIO(async_save=True, max_in_flight=2, thread_count=2)
+    plugin.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "a.ckpt")
+    copy = pickle.loads(pickle.dumps(plugin))  # what strategy="ddp_spawn" does
+    plugin.teardown()
+    assert copy.async_save and copy.max_in_flight == 2 and copy.save_options == {"thread_count": 2}
+    assert copy._executor is None and copy._jobs == [] and copy._stagers == [None, None]
+    copy.save_checkpoint(ckpt(torch.ones(2)), tmp_path / "b.ckpt")
+    copy.teardown()
+    assert committed(tmp_path / "b.ckpt")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_ckptio_async_max_in_flight_is_checked(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_in_flight"):
+        CkptioCheckpointIO(async_save=True, max_in_flight=bad)
 
 
 @pytest.mark.slow
