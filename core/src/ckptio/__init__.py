@@ -46,6 +46,7 @@ from .plugins import list_plugins, register_addon, register_backend, register_fo
 from .reading import load_state
 from .retention import KeepBest, KeepEvery, KeepLatest, RetentionPolicy
 from .state import ModelState, OptimizerState, PerRank, RNGState
+from .tiered import DrainError, TieredCheckpointManager, TieredLoadResult
 from .url import URL, parse_url
 
 __version__ = "0.1.0"
@@ -66,6 +67,7 @@ __all__ = [
     "CopyResult",
     "CommitMode",
     "CorruptCheckpointError",
+    "DrainError",
     "Format",
     "FormatNotFoundError",
     "FormatReader",
@@ -90,6 +92,8 @@ __all__ = [
     "StorageAuthError",
     "StorageError",
     "TensorEntry",
+    "TieredCheckpointManager",
+    "TieredLoadResult",
     "UnsafeCheckpointError",
     "addon_hook",
     "copy",

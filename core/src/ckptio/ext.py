@@ -17,8 +17,13 @@ Groups:
   (:class:`~ckptio.OptionError`); formats declare theirs as dataclasses (:class:`NoOptions` when none).
 - **distributed helpers**: :func:`rank_and_size`, :func:`on_coordinator`, :func:`all_gather`,
   :func:`broadcast`, :func:`any_failed`, each a no-op on one process.
+- **thread pools**: :func:`resolve_thread_count` (a format's ``thread_count`` option, or
+  :func:`default_thread_count`: the cores per rank on this machine, from :func:`available_cores`
+  and :func:`local_world_size`).
 - **plumbing**: :func:`lazy_exports` (cheap package ``__init__``), :func:`tensor_memoryview`,
   :func:`as_cpu_contiguous`, :func:`full_tensor`, :func:`open_backend`, :func:`read_manifest`.
+- **async saves**: :class:`HostStager` copies tensors into host buffers reused from one save to
+  the next (what ``CheckpointManager(async_save=True)`` blocks on).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ._buffers import as_cpu_contiguous, tensor_memoryview
 from ._dist import active as dist_active
 from ._dist import all_gather, any_failed, broadcast, on_coordinator, rank_and_size
 from ._lazy import lazy_exports
+from ._threads import available_cores, default_thread_count, local_world_size, resolve_thread_count
 from .addons import AddonContext, AddonHooks, addon_hook, pretrained_files
 from .backend import Backend, CommitMode, read_limited
 from .checkpoint import open_backend, read_manifest
@@ -58,6 +64,7 @@ from .retry import (
     classify,
     retry_call,
 )
+from .staging import HostStager
 from .staging import _huge_page_empty as huge_page_empty
 from .state import ModelState
 from .url import URL, parse_url
@@ -74,6 +81,7 @@ __all__ = [
     "Format",
     "FormatReader",
     "FormatWriter",
+    "HostStager",
     "Manifest",
     "NoOptions",
     "ModelState",
@@ -86,9 +94,11 @@ __all__ = [
     "any_failed",
     "aretry_call",
     "as_cpu_contiguous",
+    "available_cores",
     "broadcast",
     "check_options",
     "classify",
+    "default_thread_count",
     "dist_active",
     "file_token",
     "full_tensor",
@@ -97,6 +107,7 @@ __all__ = [
     "huge_page_empty",
     "is_first_rank",
     "lazy_exports",
+    "local_world_size",
     "metadata_from_json",
     "metadata_to_json",
     "missing_file",
@@ -108,6 +119,7 @@ __all__ = [
     "read_limited",
     "read_manifest",
     "recover",
+    "resolve_thread_count",
     "retry_call",
     "split_by_size",
     "tensor_entries",

@@ -43,6 +43,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     IncompleteCheckpointError,
+    OptionError,
     RunLockedError,
 )
 from .manifest import MANIFEST_NAME
@@ -115,6 +116,11 @@ class CheckpointManager:
         root = parse_url(root_url)
         fmt_name = root.format or "native"
         own = declared_keywords(CheckpointManager)
+        if "local" in save_options:  # a run with a local tier has a manager of its own
+            raise OptionError(
+                "CheckpointManager has no local tier: use ckptio.TieredCheckpointManager(root_url, local=...) "
+                "(docs/tiered.md)"
+            )
         check_call_options(save_options, own, "save", fmt_name, f"CheckpointManager ({fmt_name} format)")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight!r}: must be >= 1")

@@ -11,9 +11,17 @@ from .render import Context, human_bytes, iso, manifest_summary, metrics_text, s
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url")
+    p.add_argument(
+        "--local",
+        metavar="PATH",
+        help="the local tier of a TieredCheckpointManager run (this node's directory): list the steps "
+        "of both tiers, with a TIER column (local, durable or both)",
+    )
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    if getattr(args, "local", None):
+        return _run_tiers(args, ctx)
     from ..checkpoint import find_format, open_backend, read_manifest
     from ..reading import open_series
 
@@ -79,11 +87,43 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+def _run_tiers(args: argparse.Namespace, ctx: Context) -> int:
+    """``ckptio ls ROOT --local PATH``: the storage options are the durable tier's."""
+    from ..tiered import describe_tiers
+
+    info = describe_tiers(args.url, args.local, storage_options=ctx.storage_options)
+    for e in info["steps"]:
+        if "created" in e:
+            e["created"] = iso(e["created"])
+
+    def text() -> str:
+        rows = [
+            [
+                e["step"],
+                e["tier"],
+                "yes" if e["committed"] else "NO (incomplete)",
+                human_bytes(e["bytes"]) if "bytes" in e else "-",
+                e.get("format", "-"),
+                e.get("world_size", "-"),
+                e.get("created") or "-",
+                metrics_text(e.get("metrics", {})) or "-",
+                "latest" if e["latest"] else "",
+            ]
+            for e in info["steps"]
+        ]
+        headers = ["STEP", "TIER", "COMMITTED", "SIZE", "FORMAT", "RANKS", "CREATED", "METRICS", ""]
+        return f"{info['url']} (local tier: {info['local']})\n" + table(headers, rows)
+
+    ctx.emit(info, text)
+    return EXIT_OK
+
+
 COMMAND = Command(
     "ls",
     add_arguments,
     run,
     help="list the steps of a series, or summarise one checkpoint",
     description="For a CheckpointManager root: every step, committed or not, its size, metrics, and which is "
-    "latest. For a single checkpoint: its manifest summary.",
+    "latest. For a single checkpoint: its manifest summary. With --local PATH (a TieredCheckpointManager "
+    "run): the steps of both tiers and where each one lives.",
 )

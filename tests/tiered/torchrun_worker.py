@@ -1,0 +1,48 @@
+"""One rank of the simulated two-node job of ``test_tiered_torchrun.py`` (started by torchrun).
+
+Each torchrun launch is a "node" (``GROUP_RANK``) with its own local directory; the durable tier
+is one S3 bucket (moto). ``save`` commits steps 1 and 2 and drains them; ``resume`` restores and
+reports, per rank, how many bytes came from each tier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from ckptio.tiered import TieredCheckpointManager
+
+from tests.tiered._states import check_state, make_state
+
+
+def main() -> None:
+    mode, root, base, report_dir = sys.argv[1:5]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ["RANK"] + " %(message)s")
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    node = int(os.environ["GROUP_RANK"])
+    local = f"{base}/node{node}"
+    report: dict[str, object] = {"rank": rank, "node": node}
+    try:
+        if mode == "save":
+            with TieredCheckpointManager(root, local=local, async_save=True) as mgr:
+                for step in (1, 2):
+                    mgr.save(step, make_state(step, rank, world))
+            report["locations"] = {str(k): sorted(v) for k, v in mgr.step_locations().items()}
+        else:
+            with TieredCheckpointManager(root, local=local) as mgr:
+                report["locations"] = {str(k): sorted(v) for k, v in mgr.step_locations().items()}
+                state = make_state(0, rank, world, empty=True)
+                result = mgr.load(state)
+            report.update(step=result.step, tiers=result.tier_bytes, problem=check_state(state, 2, rank))
+    finally:
+        dist.destroy_process_group()
+    Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
