@@ -434,9 +434,24 @@ def find_format(backend: Backend, u: URL, manifest: Manifest | None, path: str |
             return fmt
     parent, name = split_parent(path)
     staged = any((p := parse_leftover(e)) and p[0] == name for e in backend.listdir(parent))
-    if staged or backend.listdir(path):
+    entries = backend.listdir(path)
+    if staged or entries:
+        shown = ", ".join(sorted(entries)[:8]) + (
+            f", ... ({len(entries)} entries)" if len(entries) > 8 else ""
+        )
         raise IncompleteCheckpointError(
-            f"{u} has no {MANIFEST_NAME}: the save that wrote it did not finish (or it is not a ckptio checkpoint)"
+            f"{u} has no {MANIFEST_NAME}: the save that wrote it did not finish, or it is neither a ckptio "
+            "checkpoint nor a Hugging Face directory (*.safetensors, model.safetensors.index.json); "
+            + (
+                f"it holds: {shown}"
+                if entries
+                else "an interrupted save left its staging directory beside it"
+            )
+            + (
+                " (pickle weights such as pytorch_model.bin are never loaded: convert them to safetensors)"
+                if any(e.endswith((".bin", ".pt", ".pth", ".ckpt")) for e in entries)
+                else ""
+            )
         )
     raise CheckpointNotFoundError(f"no checkpoint at {u}")
 
@@ -477,7 +492,12 @@ def load_checkpoint(
     """Load the checkpoint at ``url`` into ``state`` in place (resharding as needed).
 
     ``format_options`` are the user's options for the format (its :attr:`~ckptio.Format.load_options`),
-    checked once the format is known, before any data is read."""
+    checked once the format is known, before any data is read.
+
+    Two optional hooks let a format fit a checkpoint to the state: ``fmt.prepare_load(state,
+    backend=, path=, manifest=, options=, process_group=)`` runs before the state's models give
+    their state dicts (safetensors materialises meta-device models there), and
+    ``reader.bind_state(state, expanded)`` before DCP plans (names, dtypes, tied weights)."""
     t0 = time.perf_counter()
     u = parse_url(url)
     if u.format:  # the format is named: its options are checked before the backend is opened
@@ -498,6 +518,10 @@ def load_checkpoint(
 
     manifest = _dist.on_coordinator(touch, pg, share_result=True)
     fmt = find_format(backend, u, manifest, path)
+    fopts = build_format_options(fmt, "load", format_options)
+    prepare = getattr(fmt, "prepare_load", None)
+    if prepare is not None:  # a format may ready the models first (safetensors: meta-device models, dtypes)
+        prepare(state, backend=backend, path=path, manifest=manifest, options=fopts, process_group=pg)
     expanded = expand_state(state, rank)
     ctx = AddonContext(
         op="load",
@@ -514,12 +538,14 @@ def load_checkpoint(
     )
     addons.hook.validate_load(ctx=ctx)
     addons.hook.transform_state_dict(ctx=ctx, state_dict=expanded)
-    fopts = build_format_options(fmt, "load", format_options)
     try:
         # the state's keys let a format place a foreign checkpoint's tensors (safetensors' prefix)
         reader = fmt.storage_reader(
             backend, path, manifest, fopts, verify=verify, progress=progress, state_keys=list(expanded)
         )
+        bind = getattr(reader, "bind_state", None)
+        if bind is not None:  # the reader sees the destinations before DCP plans
+            bind(state, expanded)
     except CheckpointError as exc:  # per rank, so no collective here
         if manifest is not None and _changed(backend, path, manifest):
             raise _replaced_error(u) from exc

@@ -31,7 +31,11 @@ Loads reshard to any world size through DCP's planner; destinations are filled b
 ``save_pretrained`` (``model.safetensors`` or sharded with ``model.safetensors.index.json``) has
 no manifest and is detected; its tensors go under the state's single top-level entry
 (``{"model": ModelState(m)}``) or at the top level (a flat dict), or under ``prefix=``, with an
-optional ``key_mapping={regex: replacement}`` (first match wins).
+optional ``key_mapping={regex: replacement}`` (first match wins). Loaded into a transformers
+model, such a directory follows the model's own checkpoint conversion (MoE experts stored one by
+one, fused in memory), is cast to the destination's dtypes (``dtype_policy``), fills tied weights
+stored once, and materialises a meta-device model first (see ``docs/hf.md``); ``hf-cache://org/name``
+reads one from the local Hugging Face cache, offline.
 
 :func:`consolidate` turns any of these into ``model-0000i-of-0000N.safetensors`` + index for
 ``from_pretrained``; :func:`write_hf_checkpoint` writes full tensors in that layout.
@@ -46,12 +50,20 @@ from ckptio.ext import lazy_exports
 if TYPE_CHECKING:  # the names below are imported on first use (see ckptio._lazy)
     from .cli import add_consolidate_arguments, main_consolidate, run_consolidate
     from .consolidation import consolidate, reference_dtypes
+    from .conversion import hf_tensors, load_plan
     from .format import SafetensorsFormat
     from .hf import INDEX_NAME, parse_cast, parse_size, write_hf_checkpoint
+    from .hf_cache import resolve_snapshot
+    from .modelinit import materialize, reset_non_persistent_buffers
 
 _EXPORTS = {
     "add_consolidate_arguments": ".cli",
     "consolidate": ".consolidation",
+    "hf_tensors": ".conversion",
+    "load_plan": ".conversion",
+    "materialize": ".modelinit",
+    "reset_non_persistent_buffers": ".modelinit",
+    "resolve_snapshot": ".hf_cache",
     "INDEX_NAME": ".hf",
     "main_consolidate": ".cli",
     "parse_cast": ".hf",
@@ -66,10 +78,15 @@ __all__ = [
     "SafetensorsFormat",
     "add_consolidate_arguments",
     "consolidate",
+    "hf_tensors",
+    "load_plan",
     "main_consolidate",
+    "materialize",
     "parse_cast",
     "parse_size",
     "reference_dtypes",
+    "reset_non_persistent_buffers",
+    "resolve_snapshot",
     "run_consolidate",
     "write_hf_checkpoint",
 ]

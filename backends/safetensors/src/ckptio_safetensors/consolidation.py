@@ -54,6 +54,7 @@ from ckptio.ext import (
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ._header import HeaderEntry, encode_header, layout, read_header
+from .conversion import hf_source_view
 from .format import Chunk, foreign_metadata, hf_files, manifest_metadata
 from .hf import (
     HF_METADATA,
@@ -64,7 +65,6 @@ from .hf import (
     parse_cast,
     target_dtype,
 )
-
 
 log = logging.getLogger("ckptio.safetensors")
 
@@ -430,7 +430,13 @@ def consolidate(
         meta_files = hf_config_files(config, src_url, storage_options, verify)
         cast, meta_files = export_dtype(meta_files, cast, dtype_reference, storage_options)
         if CONFIG_NAME not in meta_files and rank == 0:
-            log.warning("%s has no %s: pass config= (--config) for a directory from_pretrained loads", src_url, CONFIG_NAME)
+            log.warning(
+                "%s has no %s: pass config= (--config) for a directory from_pretrained loads",
+                src_url,
+                CONFIG_NAME,
+            )
+    # the config's transformers conversion, reversed (fused MoE experts -> one tensor each on disk)
+    src = hf_source_view(src, meta_files.get(CONFIG_NAME), verify=verify)
     dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
     ref_map = None
     if reference_index is not None:
@@ -631,7 +637,9 @@ def hf_config_files(
             listed = manifest.files.get(name) if manifest is not None else None
             digest = listed.get("xxh3") if isinstance(listed, dict) else None
             if verify and digest and xxhash.xxh3_64_hexdigest(data) != digest:
-                raise CorruptCheckpointError(f"checksum mismatch in {backend.url(path)}", path=backend.url(path))
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in {backend.url(path)}", path=backend.url(path)
+                )
             try:
                 if not isinstance(json.loads(data), dict):
                     raise ValueError("not a JSON object")

@@ -30,7 +30,9 @@ descriptions of where each stored tensor lands:
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
@@ -39,6 +41,8 @@ from typing import Any
 
 import torch
 from ckptio.errors import CheckpointError, CorruptCheckpointError
+
+log = logging.getLogger("ckptio.safetensors")
 
 #: The transformers ops whose effect is a placement of bytes (see the module docstring).
 SUPPORTED_OPS = ("MergeModulelist", "Concatenate", "Chunk", "Split", "SplitModulelist", "Transpose")
@@ -367,13 +371,21 @@ def _put(out: dict[str, Sym], name: str, sym: Sym) -> None:
 # -- export: in-memory names -> on-disk names ---------------------------------------------------
 def model_for(obj: Any) -> Any:
     """A transformers model to take the conversion list from: ``obj`` itself, or a model built on
-    the meta device (no memory) from a config, or from a directory or ``config.json`` path."""
+    the meta device (no memory) from a config: a ``PretrainedConfig``, a config dict, the bytes of
+    a ``config.json``, or a local directory or ``config.json`` path."""
     if isinstance(obj, torch.nn.Module):
         return obj
+    import json
+
     import transformers
 
     config = obj
-    if isinstance(obj, str):
+    if isinstance(obj, (bytes, bytearray)):
+        obj = json.loads(obj)
+    if isinstance(obj, dict):
+        d = dict(obj)
+        config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    elif isinstance(obj, str):
         config = transformers.AutoConfig.from_pretrained(obj, local_files_only=True)
     archs = list(getattr(config, "architectures", None) or [])
     cls = getattr(transformers, archs[0], None) if archs else None
@@ -398,7 +410,9 @@ def export_plan(
     model: Any, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype, list[ExportPart]]] | None:
     """``{on-disk name: (shape, dtype, parts)}`` for in-memory tensors ``{name: (shape, dtype)}``,
-    or ``None`` when the model's conversions change nothing (names and tensors as they are)."""
+    or ``None`` when there is no model or its conversions change nothing (names as they are)."""
+    if model is None:
+        return None
     model = model_for(model)
     if not is_transformers_model(model):
         return None
@@ -433,17 +447,23 @@ def export_plan(
     return out
 
 
-def hf_tensors(state_dict: Mapping[str, torch.Tensor], model: Any) -> dict[str, Callable[[], torch.Tensor]]:
-    """On-disk names -> a function giving that tensor, as views of ``state_dict`` where possible
-    (one expert of a fused tensor is a view of it; a tensor made of several boxes is built when
-    its function is called, so only one exists at a time)."""
+def hf_tensors(
+    state_dict: Mapping[str, torch.Tensor], model: Any = None
+) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
+    """On-disk names -> ``(shape, dtype, function giving the tensor)``: views of ``state_dict``
+    where possible (one expert of a fused tensor is a view of it); a tensor made of several boxes
+    is built when its function is called, so only one such copy exists at a time."""
     plan = export_plan(model, {n: (tuple(t.shape), t.dtype) for n, t in state_dict.items()})
     if plan is None:
-        return {n: (lambda t=t: t) for n, t in state_dict.items()}
-    out: dict[str, Callable[[], torch.Tensor]] = {}
-    for name, (shape, dtype, parts) in plan.items():
-        out[name] = lambda shape=shape, dtype=dtype, parts=parts: _gather(state_dict, shape, dtype, parts)
-    return out
+        return {n: (tuple(t.shape), t.dtype, functools.partial(_same, t)) for n, t in state_dict.items()}
+    return {
+        name: (shape, dtype, functools.partial(_gather, state_dict, shape, dtype, parts))
+        for name, (shape, dtype, parts) in plan.items()
+    }
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _box_view(t: torch.Tensor, part: ExportPart) -> torch.Tensor:
@@ -501,6 +521,14 @@ def hf_source_view(src: Any, model: Any, *, verify: bool = True) -> Any:
 
     if model is None:
         return src
+    if not isinstance(model, torch.nn.Module):
+        try:
+            model = model_for(model)
+        except Exception as exc:  # no transformers, or a config it cannot build: names as they are
+            log.warning(
+                "not applying a transformers conversion to the export (%s: %s)", type(exc).__name__, exc
+            )
+            return src
     tensors = {n: (tuple(st.meta.size), st.meta.properties.dtype) for n, st in src.tensors.items()}
     plan = export_plan(model, tensors)
     if plan is None:

@@ -9,6 +9,7 @@ for tools that only have the files.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 import xxhash
-from ckptio.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from ckptio.errors import CheckpointError, CorruptCheckpointError, OptionError, StateMismatchError
 from ckptio.ext import (
     Backend,
     FileSizeChecker,
@@ -31,12 +32,14 @@ from ckptio.ext import (
     FormatReader,
     FormatWriter,
     Manifest,
+    ModelState,
     TensorEntry,
     is_first_rank,
     metadata_from_json,
     metadata_to_json,
     missing_file,
     read_limited,
+    resolve_thread_count,
     split_by_size,
     tensor_entries,
     tensor_memoryview,
@@ -57,14 +60,20 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 
 from ._buffers import band_read
 from ._header import encode_header, layout, read_header, stream_tensors
+from .conversion import Stored, Sym, is_transformers_model, load_plan
 from .hf import INDEX_NAME, SINGLE_NAME, index_bytes
+from .hf_cache import reading_backend
+from .modelinit import adopt_dtypes, materialize
 
 LAYOUT_VERSION = "ckptio-safetensors/1"
-DEFAULT_WRITE_THREADS = 2
-DEFAULT_READ_THREADS = 4
+#: Default thread counts (``thread_count=None``): one writer per core available to each rank on
+#: this machine, two readers per core (:func:`ckptio.ext.default_thread_count`), at most these.
+MAX_DEFAULT_WRITE_THREADS = 4
+MAX_DEFAULT_READ_THREADS = 8
 VALUES_PREFIX = "values-rank"
 SHARDING_KEY = "ckptio_sharding"  # {name: {"global_shape": [...], "offsets": [...]}} as JSON
 DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # torch's HF key, so torch's HF reader/consolidator read our files
@@ -109,17 +118,19 @@ def group_file(group: str, name: str) -> str:
 class SafetensorsSaveOptions:
     """The safetensors format's options on ``save`` (and a manager's saves)."""
 
-    thread_count: int = DEFAULT_WRITE_THREADS
+    thread_count: int | None = None
     """Writer threads per rank: a group (top-level state key) of at least 64 MiB is split over
-    this many files per rank, written in parallel."""
+    this many files per rank, written in parallel. Default: one per core available to each rank
+    on this machine, at most 4."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class SafetensorsLoadOptions:
     """The safetensors format's options on ``load``."""
 
-    thread_count: int = DEFAULT_READ_THREADS
-    """Reader threads per rank."""
+    thread_count: int | None = None
+    """Reader threads per rank. Default: two per core available to each rank on this machine, at
+    most 8."""
     prefix: str | None = None
     """Foreign (``save_pretrained``) directories: the state key their tensors go under
     (``"model"``: ``model.<name>``; ``""``: the top level). Default: the state's only top-level
@@ -127,11 +138,34 @@ class SafetensorsLoadOptions:
     key_mapping: dict[str, str] | None = None
     """Foreign directories: ``{regex: replacement}`` applied to the stored names before the
     prefix (the first matching pattern wins)."""
+    dtype_policy: str | None = None
+    """A stored dtype that differs from the destination's: ``"cast"`` converts it while reading,
+    as ``from_pretrained(dtype=...)`` does; ``"keep"``: the destination adopts the stored dtype
+    (the parameter's data is replaced, as NeMo AutoModel does for a base model; not for
+    DTensor/FSDP2 parameters); ``"strict"``: refused (:class:`~ckptio.StateMismatchError`).
+    Default: ``"cast"`` for foreign (Hugging Face) directories, ``"strict"`` for ckptio
+    checkpoints, where a resume in another dtype is a mistake unless asked for. Only floating
+    dtypes are ever cast."""
+    allow_overflow: bool = False
+    """A cast that turns finite stored values into infinities (fp32 -> fp16 above 65504) is an
+    error naming the tensor; ``True`` loads them as infinities."""
+    hf_conversion: bool = True
+    """Foreign directories loaded into a transformers model: apply the model's checkpoint
+    conversion mapping (the one ``from_pretrained`` uses: renamed modules, MoE experts stored one
+    by one and fused in memory), by ranged reads. ``False``: names as stored."""
+    materialize_device: str | None = None
+    """A model on the meta device is materialised (``to_empty``; each FSDP2 rank allocates only
+    its own shards) and filled: on this device; default the device type of its DTensor mesh, else
+    ``"cpu"``."""
     state_keys: Sequence[str] | None = field(default=None, metadata={"deprecated": True})
     """Deprecated: ckptio passes the state's top-level keys to the format itself; choose where a
     foreign directory's tensors go with ``prefix``."""
 
     def __post_init__(self) -> None:
+        if self.dtype_policy not in (None, "cast", "keep", "strict"):
+            raise OptionError(
+                f"dtype_policy={self.dtype_policy!r}: expected 'cast', 'keep' or 'strict' (or None for the default)"
+            )
         if self.state_keys is not None:
             warnings.warn(
                 "the safetensors load option state_keys= is deprecated: ckptio passes the state's "
@@ -160,7 +194,9 @@ class SafetensorsWriter(FormatWriter):
             if other != item.index.fqn:
                 raise StateMismatchError(f"state keys {other!r} and {item.index.fqn!r} both map to {name!r}")
             by_group[group].append((item, name))
-        n_threads = max(1, int(getattr(self.options, "thread_count", DEFAULT_WRITE_THREADS)))
+        n_threads = resolve_thread_count(
+            getattr(self.options, "thread_count", None), MAX_DEFAULT_WRITE_THREADS
+        )
         jobs: list[tuple[str, str, list[tuple[WriteItem, str]]]] = []
         for group, pairs in sorted(by_group.items()):
             names = {id(it): nm for it, nm in pairs}
@@ -329,6 +365,10 @@ class Chunk:
     pos: int
     length: int
     xxh3: str | None
+    #: A box of a stored tensor seen in another dimension order (a transformers ``Transpose``):
+    #: ``(stored shape, box, axes)`` as in :class:`~ckptio_safetensors.conversion.Piece`; ``pos``
+    #: is then where the stored tensor starts. ``None`` for the usual run of row-major bytes.
+    view: tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int | None, ...]] | None = None
 
 
 ChunkTable = dict[tuple[str, tuple[int, ...] | None], Chunk]
@@ -375,12 +415,19 @@ def manifest_metadata(
     return md, table
 
 
+#: Bytes of stored data held at a time (per reader thread) when a tensor is cast while read.
+CAST_BAND_BYTES = 8 << 20
+
+
 class SafetensorsReader(FormatReader):
     """Fills DCP's read items from safetensors files through the backend.
 
-    A chunk that lands whole in a contiguous CPU destination is read straight into it; a resharded
-    one is read whole (to check its checksum) or, when there is nothing to check, only its band of
-    rows. Reads run on ``thread_count`` threads; planner callbacks stay on the calling thread.
+    A chunk that lands whole in a contiguous CPU destination of its dtype is read straight into
+    it; a resharded one is read whole (to check its checksum) or, when there is nothing to check,
+    only its band of rows; one read into another dtype (``dtype_policy="cast"``) is read and cast
+    band by band (:data:`CAST_BAND_BYTES` at a time). Reads run on ``thread_count`` threads;
+    planner callbacks stay on the calling thread. Two destinations that are one tensor (tied
+    weights) are read once.
     """
 
     def __init__(
@@ -392,7 +439,9 @@ class SafetensorsReader(FormatReader):
         files: dict[str, dict[str, Any]] | None = None,
         *,
         verify: bool = True,
-        thread_count: int = DEFAULT_READ_THREADS,
+        thread_count: int | None = None,
+        options: SafetensorsLoadOptions | None = None,
+        foreign: tuple[list[ForeignTensor], str] | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
@@ -400,9 +449,15 @@ class SafetensorsReader(FormatReader):
         self.metadata = metadata
         self.chunks = chunks
         self.verify = bool(verify)
-        self.thread_count = max(1, int(thread_count))
+        self.thread_count = resolve_thread_count(thread_count, MAX_DEFAULT_READ_THREADS, per_core=2.0)
+        self.options = options or SafetensorsLoadOptions()
+        #: foreign directories: the stored tensors and the state prefix they go under
+        self.foreign = foreign
         self.bytes_read = 0
+        #: destination fqn -> the fqn it is read with (tied weights the checkpoint stores once)
+        self.aliases: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._bands: list[torch.Tensor] = []  # reused cast buffers (at most one per reader thread)
         # ``files``: the sizes a manifest declares, made true before anything is read or
         # allocated (one rank checks all, each rank those it reads). Foreign directories have
         # none: their headers are checked against the real sizes as they are parsed.
@@ -410,17 +465,94 @@ class SafetensorsReader(FormatReader):
         if files is not None and is_first_rank():
             self._sizes.check(c.file for c in chunks.values())
 
+    # -- fitting the checkpoint to the state --------------------------------------------------
+    def bind_state(self, state: dict[str, Any], expanded: dict[str, Any]) -> None:
+        """Called by ckptio with the state before DCP plans: a foreign directory's names follow
+        the model's transformers conversion, tied weights stored once are read for both names, and
+        stored dtypes that differ are cast or refused (``dtype_policy``)."""
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+        flat, _ = flatten_state_dict(expanded)
+        dest = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        self.layout(state, dest)
+        self._apply_dtype_policy(dest)
+
+    def layout(self, state: dict[str, Any], dest: dict[str, torch.Tensor]) -> None:
+        """Names and aliases of the stored tensors for the destinations ``dest`` (flat fqns)."""
+        if self.foreign is not None:
+            tensors, prefix = self.foreign
+            model = _model_under(state, prefix)
+            whole = all(not any(t.offsets) for t in tensors)
+            if self.options.hf_conversion and whole and is_transformers_model(model):
+                rel = {k[len(prefix) :]: tuple(v.shape) for k, v in dest.items() if k.startswith(prefix)}
+                syms = load_plan(model, [t.stored for t in tensors], rel)
+                self.metadata, self.chunks = _converted_table(self.backend.url(self.path), syms, prefix)
+            self._alias_tied(dest)
+
+    def _alias_tied(self, dest: dict[str, torch.Tensor]) -> None:
+        """A destination the checkpoint lacks that is the same memory as one it has (a tied
+        ``lm_head``: ``save_pretrained`` stores it once) is read from its twin's entry."""
+        sdm = self.metadata.state_dict_metadata
+        by_memory: dict[tuple[Any, ...], str] = {}
+        for fqn, t in dest.items():
+            if fqn in sdm and (key := _memory_key(t)) is not None:
+                by_memory.setdefault(key, fqn)
+        for fqn, t in dest.items():
+            if fqn in sdm or (key := _memory_key(t)) is None or key not in by_memory:
+                continue
+            twin = by_memory[key]
+            sdm[fqn] = sdm[twin]
+            for (cfqn, off), c in list(self.chunks.items()):
+                if cfqn == twin:
+                    self.chunks[(fqn, off)] = dataclasses.replace(c, fqn=fqn)
+            self.aliases[fqn] = twin
+
+    def _apply_dtype_policy(self, dest: dict[str, torch.Tensor]) -> None:
+        policy = self.options.dtype_policy or ("cast" if self.foreign is not None else "strict")
+        sdm = self.metadata.state_dict_metadata
+        refused = []
+        for fqn, md in list(sdm.items()):
+            t = dest.get(fqn)
+            if not isinstance(md, TensorStorageMetadata) or t is None or md.properties.dtype == t.dtype:
+                continue
+            stored = md.properties.dtype
+            if policy == "cast" and stored.is_floating_point and t.dtype.is_floating_point:
+                sdm[fqn] = _tensor_md(
+                    t.dtype, tuple(md.size), [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+                )
+            elif self.foreign is not None:  # ckptio checkpoints: the planner reports it with shapes
+                refused.append(f"{fqn}: stored {stored}, state {t.dtype}")
+        if refused:
+            hint = (
+                "only floating dtypes are cast"
+                if policy == "cast"
+                else f"dtype_policy={policy!r}; pass dtype_policy='cast' to convert while loading"
+            )
+            raise StateMismatchError(
+                f"checkpoint does not match the state: dtypes differ ({hint}): " + "; ".join(refused[:20]),
+                mismatched=[r.split(":", 1)[0] for r in refused],
+            )
+
+    # -- reading ------------------------------------------------------------------------------
     def _chunk(self, req: ReadItem) -> Chunk:
         off = tuple(req.storage_index.offset) if req.storage_index.offset is not None else None
         return self.chunks[(req.storage_index.fqn, off)]
 
     def read_data(self, plan: Any, planner: LoadPlanner) -> torch.futures.Future[None]:
-        jobs = []
+        jobs: list[tuple[ReadItem, Chunk, torch.Tensor | None]] = []
+        done_once: dict[tuple[Any, ...], int] = {}
+        same: list[tuple[ReadItem, torch.Tensor]] = []  # a tied destination already being read
         todo = sorted(((self._chunk(r), r) for r in plan.items), key=lambda cr: (cr[0].file, cr[0].pos))
         if self._sizes.files:
             self._sizes.check(c.file for c, _ in todo)
         for c, req in todo:
             dst = None if req.type == LoadItemType.BYTE_IO else planner.resolve_tensor(req)
+            if dst is not None and (mem := _memory_key(dst)) is not None:
+                key = (c.file, c.pos, tuple(req.storage_offsets), tuple(req.lengths), mem)
+                if key in done_once:
+                    same.append((req, dst))
+                    continue
+                done_once[key] = len(jobs)
             jobs.append((req, c, dst))
         if self.thread_count == 1 or len(jobs) <= 1:
             done = [self._read(req, c, dst) for req, c, dst in jobs]
@@ -433,6 +565,9 @@ class SafetensorsReader(FormatReader):
                 planner.load_bytes(req, io.BytesIO(value))
             else:
                 planner.commit_tensor(req, dst)
+        for req, dst in same:
+            planner.commit_tensor(req, dst)
+        self._bands.clear()
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut
@@ -462,7 +597,11 @@ class SafetensorsReader(FormatReader):
             self._count(c.length)
             return data
         assert c.sizes is not None and c.dtype is not None
+        if c.view is not None:
+            self._read_view(fpath, req, c, dst)
+            return None
         whole = tuple(req.lengths) == c.sizes and not any(req.storage_offsets)
+        checked = self.verify and c.xxh3 is not None
         if whole and dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == c.dtype:
             view = tensor_memoryview(dst)
             if len(view):
@@ -470,7 +609,14 @@ class SafetensorsReader(FormatReader):
             self._check(c, view)
             self._count(c.length)
             return None
-        if (self.verify and c.xxh3 is not None) or not c.sizes:
+        if dst.dtype != c.dtype and c.sizes and (whole or not checked):
+            rows = not any(req.storage_offsets[1:]) and tuple(req.lengths[1:]) == c.sizes[1:]
+            if rows and dst.device.type == "cpu" and dst.is_contiguous() and _widens(c.dtype, dst.dtype):
+                self._read_widen(fpath, req, c, dst, checked)
+            else:
+                self._read_cast(fpath, req, c, dst, checked)
+            return None
+        if checked or not c.sizes:
             tmp = torch.empty(c.sizes, dtype=c.dtype)
             view = tensor_memoryview(tmp)
             if len(view):
@@ -484,13 +630,170 @@ class SafetensorsReader(FormatReader):
             src, nbytes = band_read(
                 self.backend, fpath, c.pos, c.dtype, c.sizes, tuple(req.storage_offsets), tuple(req.lengths)
             )
-        dst.copy_(src)
+        self._copy(dst, src, c.fqn)
         self._count(nbytes)
         return None
+
+    def _read_cast(self, fpath: str, req: ReadItem, c: Chunk, dst: torch.Tensor, checked: bool) -> None:
+        """Read the request's rows of ``c`` a band at a time into a reused buffer and cast each
+        band into ``dst``: memory stays at one band per reader thread whatever the tensor's size
+        (fresh buffers per band would leave glibc's arenas holding hundreds of MB). A whole chunk
+        with a checksum is hashed band by band on the way (a partial one never gets here)."""
+        assert c.sizes is not None and c.dtype is not None
+        offs, lens = tuple(req.storage_offsets), tuple(req.lengths)
+        row = math.prod(c.sizes[1:]) * c.dtype.itemsize
+        step = max(1, CAST_BAND_BYTES // max(1, row))
+        h = xxhash.xxh3_64() if checked else None
+        buf = self._take_band(min(step, lens[0]) * row)
+        try:
+            for r in range(0, lens[0], step):
+                n = min(step, lens[0] - r)
+                band = buf[: n * row].view(c.dtype).view(n, *c.sizes[1:])
+                if band.numel():
+                    self.backend.read_into(fpath, c.pos + (offs[0] + r) * row, tensor_memoryview(band))
+                if h is not None:
+                    h.update(tensor_memoryview(band))
+                src = band
+                for dim in range(1, len(c.sizes)):
+                    src = src.narrow(dim, offs[dim], lens[dim])
+                self._copy(dst.narrow(0, r, n), src, c.fqn)
+                self._count(n * row)
+        finally:
+            self._give_band(buf)
+        if h is not None and h.hexdigest() != c.xxh3:
+            url = self.backend.url(fpath)
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {url} (tensor {c.fqn!r}): the file is damaged", path=url
+            )
+
+    def _read_widen(self, fpath: str, req: ReadItem, c: Chunk, dst: torch.Tensor, checked: bool) -> None:
+        """A cast to a wider dtype (bf16 -> fp32), whole rows into a contiguous destination: the
+        stored bytes are read straight into the end of the destination's own memory and widened
+        in place, front to back, in blocks whose output never reaches stored bytes not yet
+        converted; only the last two blocks' stored bytes go through a buffer first. No copy of
+        the stored bytes, and no memory beyond that buffer."""
+        assert c.sizes is not None and c.dtype is not None
+        row = math.prod(c.sizes[1:]) * c.dtype.itemsize
+        flat = dst.view(-1)
+        n = flat.numel()
+        if not n:
+            return
+        si = c.dtype.itemsize
+        src = flat.view(torch.uint8)[n * (dst.dtype.itemsize - si) :].view(c.dtype)
+        view = tensor_memoryview(src)
+        self.backend.read_into(fpath, c.pos + req.storage_offsets[0] * row, view)
+        if checked:  # only a whole chunk gets here with a checksum
+            self._check(c, view)
+        self._count(len(view))
+        k = max(1, CAST_BAND_BYTES // (2 * si))
+        tail = max(0, n - 2 * k)
+        buf = self._take_band((n - tail) * si)
+        try:
+            rest = buf[: (n - tail) * si].view(c.dtype)
+            rest.copy_(src[tail:])
+            for j in range(0, tail, k):
+                e = min(j + k, tail)
+                flat[j:e].copy_(src[j:e])
+            flat[tail:].copy_(rest)
+        finally:
+            self._give_band(buf)
+
+    def _take_band(self, nbytes: int) -> torch.Tensor:
+        """A byte buffer of at least ``nbytes`` (a band), reused across bands and threads."""
+        with self._lock:
+            for i, b in enumerate(self._bands):
+                if b.numel() >= nbytes:
+                    return self._bands.pop(i)
+        return torch.empty(max(nbytes, min(CAST_BAND_BYTES, 1 << 20)), dtype=torch.uint8)
+
+    def _give_band(self, buf: torch.Tensor) -> None:
+        if buf.numel() <= CAST_BAND_BYTES:  # a one-off buffer for a huge row goes back to the OS
+            with self._lock:
+                self._bands.append(buf)
+
+    def _read_view(self, fpath: str, req: ReadItem, c: Chunk, dst: torch.Tensor) -> None:
+        """A box of a stored tensor in another dimension order: read the stored rows that hold
+        the requested part, put the dimensions in the destination's order, copy."""
+        assert c.view is not None and c.dtype is not None
+        shape, sel, axes = c.view
+        starts = [s for s, _ in sel]
+        lens = [1] * len(shape)
+        for d, a in enumerate(axes):
+            if a is not None:
+                starts[a] += req.storage_offsets[d]
+                lens[a] = req.lengths[d]
+        region, nbytes = band_read(self.backend, fpath, c.pos, c.dtype, shape, tuple(starts), tuple(lens))
+        mapped = [a for a in axes if a is not None]
+        order = mapped + [j for j in range(len(shape)) if j not in mapped]
+        src = region.permute(*order).reshape([lens[a] for a in mapped])
+        for d, a in enumerate(axes):
+            if a is None:
+                src = src.unsqueeze(d)
+        self._copy(dst, src, c.fqn)
+        self._count(nbytes)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, fqn: str) -> None:
+        """``dst.copy_(src)``; a cast that would turn finite values into infinities is refused
+        unless ``allow_overflow``."""
+        if (
+            dst.dtype != src.dtype
+            and not self.options.allow_overflow
+            and src.dtype.is_floating_point
+            and dst.dtype.is_floating_point
+            and torch.finfo(dst.dtype).max < torch.finfo(src.dtype).max
+        ):
+            cast = src.to(dst.dtype)
+            bad = torch.isinf(cast) & torch.isfinite(src)
+            if bool(bad.any()):
+                worst = float(src[bad].abs().max())
+                raise StateMismatchError(
+                    f"casting {fqn!r} from {src.dtype} to {dst.dtype} would overflow: {int(bad.sum())} finite "
+                    f"values (up to {worst:.4g}) exceed the largest {dst.dtype} ({torch.finfo(dst.dtype).max:.4g}); "
+                    "load into a wider dtype, use dtype_policy='keep', or pass allow_overflow=True to load them "
+                    "as infinities",
+                    mismatched=[fqn],
+                )
+            src = cast
+        dst.copy_(src)
 
     def _count(self, n: int) -> None:
         with self._lock:
             self.bytes_read += n
+
+
+def _widens(stored: torch.dtype, dest: torch.dtype) -> bool:
+    """A cast to a floating dtype at least twice as wide, which never overflows (bf16/fp16 -> fp32)."""
+    return (
+        stored.is_floating_point
+        and dest.is_floating_point
+        and dest.itemsize >= 2 * stored.itemsize
+        and torch.finfo(dest).max >= torch.finfo(stored).max
+    )
+
+
+def _memory_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What identifies the memory of ``t`` (a DTensor's local shard), or ``None`` on meta."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    if local.device.type == "meta" or local.numel() == 0:
+        return None
+    return (
+        local.device,
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        tuple(local.shape),
+        tuple(local.stride()),
+        local.dtype,
+    )
+
+
+def _model_under(state: dict[str, Any], prefix: str) -> Any:
+    """The single model of the state entry a foreign directory goes under (``None`` if none)."""
+    key = prefix[:-1] if prefix.endswith(".") else prefix
+    value = state.get(key) if key else None
+    if isinstance(value, ModelState):
+        parts = getattr(value, "parts", None) or [value.model]
+        return parts[0] if len(parts) == 1 else None
+    return None
 
 
 def _hash_range(backend: Backend, fpath: str, pos: int, length: int, digest: str | None) -> bool:
@@ -534,24 +837,34 @@ def hf_files(backend: Backend, path: str) -> list[str]:
     return sorted(n for n in backend.listdir(path) if n.endswith(".safetensors"))
 
 
-def _apply_mapping(name: str, mapping: list[tuple[re.Pattern[str], str]]) -> str:
+def _apply_mapping(name: str, mapping: list[tuple[re.Pattern[str], str]]) -> tuple[str, bool]:
     for pattern, repl in mapping:
         new, n = pattern.subn(repl, name)
         if n:
-            return new
-    return name
+            return new, True
+    return name, False
 
 
-def foreign_metadata(
-    backend: Backend, path: str, key_mapping: dict[str, str] | None = None, prefix: str = ""
-) -> tuple[Metadata, ChunkTable]:
-    """DCP ``Metadata`` and chunk entries from the headers of an HF-style directory."""
+@dataclass(frozen=True)
+class ForeignTensor:
+    """A tensor (or a chunk of one) of a foreign directory: its name after ``key_mapping``, where
+    it lies, and its offsets in the whole tensor (non-zero only in sharded, manifest-less dirs)."""
+
+    stored: Stored
+    offsets: tuple[int, ...]
+
+
+def foreign_tensors(
+    backend: Backend, path: str, key_mapping: dict[str, str] | None = None
+) -> list[ForeignTensor]:
+    """The tensors of an HF-style directory, from its safetensors headers (``key_mapping``
+    applied: a mapping that matches no stored name is an error, not a silent no-op)."""
     mapping = [(re.compile(p), r) for p, r in (key_mapping or {}).items()]
     files = hf_files(backend, path)
     if not files:
         raise CorruptCheckpointError(f"{backend.url(path)} holds no .safetensors files")
-    chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]] = defaultdict(list)
-    entries: ChunkTable = {}
+    out: list[ForeignTensor] = []
+    matched = False
     for f in files:
         fpath = backend.join(path, f)
         hdr = read_header(backend, fpath)
@@ -564,7 +877,8 @@ def foreign_metadata(
                     sharding = {}
                 break
         for name, he in hdr.entries.items():
-            fqn = prefix + _apply_mapping(name, mapping)
+            mapped, hit = _apply_mapping(name, mapping)
+            matched = matched or hit
             info = sharding.get(name) or {}
             off = info.get("offsets", info.get("saved_offsets")) if isinstance(info, dict) else None
             offsets = (
@@ -574,34 +888,107 @@ def foreign_metadata(
                 and all(type(o) is int and 0 <= o < 1 << 62 for o in off)
                 else (0,) * len(he.shape)
             )
-            if (fqn, offsets) in entries:
-                raise CorruptCheckpointError(f"{backend.url(path)}: tensor {fqn!r} is stored twice ({f})")
-            chunks[fqn].append((offsets, he.shape, he.dtype))
-            entries[(fqn, offsets)] = Chunk(
-                fqn, offsets, he.shape, he.dtype, f, hdr.data_start + he.begin, he.nbytes, None
+            out.append(
+                ForeignTensor(Stored(mapped, he.shape, he.dtype, f, hdr.data_start + he.begin), offsets)
             )
+    if mapping and not matched:
+        names = sorted(t.stored.name for t in out)
+        raise CheckpointError(
+            f"key_mapping {sorted(key_mapping or {})} matches none of the {len(names)} tensors of "
+            f"{backend.url(path)} (e.g. {', '.join(names[:3])}); patterns are regular expressions searched in the "
+            "stored names"
+        )
+    return out
+
+
+def _tensor_md(
+    dtype: torch.dtype, size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> Any:
+    return TensorStorageMetadata(
+        properties=TensorProperties(dtype=dtype),
+        size=torch.Size(size),
+        chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in chunks],
+    )
+
+
+def _foreign_table(where: str, tensors: list[ForeignTensor], prefix: str) -> tuple[Metadata, ChunkTable]:
+    """DCP metadata and chunk table, names as stored (after ``key_mapping``) under ``prefix``."""
+    chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]] = defaultdict(list)
+    entries: ChunkTable = {}
+    for t in tensors:
+        st, offsets = t.stored, t.offsets
+        fqn = prefix + st.name
+        if (fqn, offsets) in entries:
+            raise CorruptCheckpointError(f"{where}: tensor {fqn!r} is stored twice ({st.file})")
+        chunks[fqn].append((offsets, st.shape, st.dtype))
+        entries[(fqn, offsets)] = Chunk(
+            fqn, offsets, st.shape, st.dtype, st.file, st.pos, math.prod(st.shape) * st.dtype.itemsize, None
+        )
     sdm: dict[str, Any] = {}
     for fqn, parts in chunks.items():
         dtypes = {dt for _, _, dt in parts}
         if len(dtypes) != 1:
-            raise CorruptCheckpointError(f"{backend.url(path)}: chunks of {fqn!r} have different dtypes")
+            raise CorruptCheckpointError(f"{where}: chunks of {fqn!r} have different dtypes")
         ndim = len(parts[0][1])
         if any(len(s) != ndim for _, s, _ in parts):
-            raise CorruptCheckpointError(f"{backend.url(path)}: chunks of {fqn!r} have different ranks")
+            raise CorruptCheckpointError(f"{where}: chunks of {fqn!r} have different ranks")
         size = tuple(max(o[d] + s[d] for o, s, _ in parts) for d in range(ndim))
         if sum(math.prod(s) for _, s, _ in parts) != math.prod(size) or tiling_problem(
             size, [(o, s) for o, s, _ in parts]
         ):
-            raise CorruptCheckpointError(f"{backend.url(path)}: the chunks of {fqn!r} do not tile the tensor")
-        sdm[fqn] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=dtypes.pop()),
-            size=torch.Size(size),
-            chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _ in parts],
-        )
+            raise CorruptCheckpointError(f"{where}: the chunks of {fqn!r} do not tile the tensor")
+        sdm[fqn] = _tensor_md(dtypes.pop(), size, [(o, s) for o, s, _ in parts])
     return Metadata(state_dict_metadata=sdm, storage_data=entries), entries
 
 
-def _foreign_prefix(backend: Backend, path: str, prefix: str | None, state_keys: Sequence[str]) -> str:
+def _converted_table(where: str, syms: dict[str, Sym], prefix: str) -> tuple[Metadata, ChunkTable]:
+    """DCP metadata and chunk table for tensors described by a conversion plan: every piece is a
+    chunk, read as a plain byte run when it is one (the usual case), else through its view."""
+    sdm: dict[str, Any] = {}
+    entries: ChunkTable = {}
+    for name, sym in syms.items():
+        fqn = prefix + name
+        pieces = [p for p in sym.pieces if p.numel]
+        dtypes = {p.src.dtype for p in pieces}
+        if len(dtypes) > 1:
+            raise CorruptCheckpointError(f"{where}: the tensors that make up {fqn!r} have different dtypes")
+        dtype = dtypes.pop() if dtypes else sym.pieces[0].src.dtype
+        boxes = [(p.offsets, p.sizes) for p in pieces]
+        if sum(math.prod(s) for _, s in boxes) != math.prod(sym.shape) or tiling_problem(sym.shape, boxes):
+            raise CorruptCheckpointError(
+                f"{where}: the stored tensors that make up {fqn!r} {list(sym.shape)} do not tile it "
+                "(an expert or a part missing from the checkpoint?)"
+            )
+        for p in pieces:
+            rng = p.contiguous_range()
+            if rng is not None:
+                c = Chunk(fqn, p.offsets, p.sizes, dtype, p.src.file, p.src.pos + rng[0], rng[1], None)
+            else:
+                nbytes = p.numel * dtype.itemsize
+                c = Chunk(
+                    fqn,
+                    p.offsets,
+                    p.sizes,
+                    dtype,
+                    p.src.file,
+                    p.src.pos,
+                    nbytes,
+                    None,
+                    (p.src.shape, p.sel, p.axes),
+                )
+            entries[(fqn, p.offsets)] = c
+        sdm[fqn] = _tensor_md(dtype, sym.shape, boxes)
+    return Metadata(state_dict_metadata=sdm, storage_data=entries), entries
+
+
+def foreign_metadata(
+    backend: Backend, path: str, key_mapping: dict[str, str] | None = None, prefix: str = ""
+) -> tuple[Metadata, ChunkTable]:
+    """DCP ``Metadata`` and chunk entries from the headers of an HF-style directory."""
+    return _foreign_table(backend.url(path), foreign_tensors(backend, path, key_mapping), prefix)
+
+
+def _foreign_prefix(prefix: str | None, state_keys: Sequence[str], stored: set[str]) -> str:
     """Where a foreign directory's tensors go in the state: ``prefix=`` when given; else, when the
     state has one top-level entry that is not itself a stored name (``{"model": ModelState(m)}``),
     under that entry; else at the top level (a flat dict of tensors)."""
@@ -609,12 +996,17 @@ def _foreign_prefix(backend: Backend, path: str, prefix: str | None, state_keys:
         p = str(prefix)
         return p if not p or p.endswith(".") else p + "."
     keys = list(state_keys)
-    if len(keys) == 1:
-        first = hf_files(backend, path)[:1]
-        stored = read_header(backend, backend.join(path, first[0])).entries if first else {}
-        if keys[0] not in stored:
-            return keys[0] + "."
+    if len(keys) == 1 and keys[0] not in stored:
+        return keys[0] + "."
     return ""
+
+
+def _model_states(state: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in state.items() if isinstance(v, ModelState)]
+
+
+def _modules(ms: Any) -> list[torch.nn.Module]:
+    return list(getattr(ms, "parts", None) or [ms.model])
 
 
 class SafetensorsFormat(Format):
@@ -645,12 +1037,62 @@ class SafetensorsFormat(Format):
         if manifest is not None:
             md, chunks = manifest_metadata(manifest, backend.url(path), require_checksums=verify)
             return SafetensorsReader(
-                backend, path, md, chunks, manifest.files, verify=verify, thread_count=threads
+                backend, path, md, chunks, manifest.files, verify=verify, thread_count=threads, options=opts
             )
+        backend = reading_backend(backend, path)  # a hub snapshot: its links into blobs/ are followed
         keys = opts.state_keys if opts.state_keys is not None else state_keys
-        prefix = _foreign_prefix(backend, path, opts.prefix, keys)
-        md, chunks = foreign_metadata(backend, path, opts.key_mapping, prefix)
-        return SafetensorsReader(backend, path, md, chunks, verify=verify, thread_count=threads)
+        tensors = foreign_tensors(backend, path, opts.key_mapping)
+        prefix = _foreign_prefix(opts.prefix, keys, {t.stored.name for t in tensors})
+        md, chunks = _foreign_table(backend.url(path), tensors, prefix)
+        return SafetensorsReader(
+            backend,
+            path,
+            md,
+            chunks,
+            verify=verify,
+            thread_count=threads,
+            options=opts,
+            foreign=(tensors, prefix),
+        )
+
+    def prepare_load(
+        self,
+        state: dict[str, Any],
+        *,
+        backend: Backend,
+        path: str,
+        manifest: Manifest | None,
+        options: Any = None,
+        process_group: Any = None,
+    ) -> None:
+        """Called by ckptio before the state's models are asked for their state dicts: with
+        ``dtype_policy="keep"`` parameters adopt their stored dtypes, then models on the meta
+        device are materialised (see :func:`materialize`)."""
+        opts: SafetensorsLoadOptions = options or SafetensorsLoadOptions()
+        models = _model_states(state)
+        if not models:
+            return
+        if opts.dtype_policy == "keep":
+            reader = self.storage_reader(
+                backend, path, manifest, opts, verify=False, state_keys=list(state), progress=False
+            )
+            from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+            dest, _ = flatten_state_dict({k: ms.state_dict() for k, ms in models})
+            reader.layout(state, {k: v for k, v in dest.items() if isinstance(v, torch.Tensor)})
+            stored = {
+                fqn: md.properties.dtype
+                for fqn, md in reader.metadata.state_dict_metadata.items()
+                if isinstance(md, TensorStorageMetadata)
+            }
+            for key, ms in models:
+                for module in _modules(ms):
+                    adopt_dtypes(
+                        module, {k[len(key) + 1 :]: v for k, v in stored.items() if k.startswith(key + ".")}
+                    )
+        for _, ms in models:
+            for module in _modules(ms):
+                materialize(module, opts.materialize_device)
 
     def detect(self, backend: Backend, path: str) -> bool:
         """A foreign HF-style directory. ckptio's own files without a manifest are an interrupted
@@ -691,7 +1133,7 @@ class SafetensorsFormat(Format):
 
     def tensors(self, backend: Backend, path: str, manifest: Manifest | None) -> list[TensorEntry]:
         if manifest is None:
-            md, entries = foreign_metadata(backend, path)
+            md, entries = foreign_metadata(reading_backend(backend, path), path)
         else:
             md, entries = manifest_metadata(manifest, backend.url(path), require_checksums=False)
         return tensor_entries(md, entries.values())

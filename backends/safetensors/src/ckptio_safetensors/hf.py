@@ -221,6 +221,7 @@ def write_hf_checkpoint(
     dtypes: dict[str, torch.dtype] | None = None,
     cast_dtype: str | torch.dtype | None = None,
     reference_index: Mapping[str, Any] | None = None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Write full (unsharded) tensors as an HF checkpoint directory at ``path`` on ``backend``.
 
@@ -232,20 +233,24 @@ def write_hf_checkpoint(
 
     :param dtypes: original per-tensor dtypes to restore (see :func:`target_dtype`).
     :param cast_dtype: ``"bf16"``/``"fp16"``/``"fp32"``: cast ordinary float tensors.
+    :param model: a transformers model (or its config) whose checkpoint conversion is reversed on
+        the way, as ``save_pretrained`` does: fused MoE experts are written one tensor per expert
+        (each a view of the fused tensor, converted when its turn comes).
     :returns: the index dict that was written.
     """
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"write_hf_checkpoint takes tensors only; not tensors: {', '.join(bad[:10])}")
     cast = parse_cast(cast_dtype)
-    specs = {
-        name: (target_dtype(name, t.dtype, dtypes, cast), tuple(t.shape)) for name, t in state_dict.items()
-    }
+    from .conversion import hf_tensors
+
+    tensors = hf_tensors(state_dict, model)  # with a model: its transformers conversion, reversed
+    specs = {name: (target_dtype(name, dt, dtypes, cast), shape) for name, (shape, dt, _) in tensors.items()}
     ref_map = reference_index.get("weight_map") if reference_index else None
     plan = make_plan(specs, max_shard_size, ref_map)
     backend.makedirs(path)
     for fname, names in zip(plan.names, plan.files):
-        write_shard(backend, backend.join(path, fname), specs, names, lambda n: state_dict[n])
+        write_shard(backend, backend.join(path, fname), specs, names, lambda n: tensors[n][2]())
     index = index_dict(plan, specs)
     backend.write_bytes(backend.join(path, INDEX_NAME), index_bytes(index))
     return index

@@ -58,7 +58,9 @@ def cache_dir(explicit: str | None = None) -> tuple[str, str]:
         if os.environ.get(var):
             return os.path.expanduser(os.path.expandvars(os.environ[var])), f"${var}"
     if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub"), "$HF_HOME/hub"
+        return os.path.join(
+            os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub"
+        ), "$HF_HOME/hub"
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(xdg, "huggingface", "hub"), "the default cache"
 
@@ -137,7 +139,9 @@ class HubSnapshotBackend(Backend):
     commit_mode = "rename"
     STORAGE_OPTIONS = ("cache_dir",)
 
-    def __init__(self, inner: Backend, repo_dir: str | None = None, *, scheme: str = "file", cache: str | None = None):
+    def __init__(
+        self, inner: Backend, repo_dir: str | None = None, *, scheme: str = "file", cache: str | None = None
+    ):
         super().__init__(scheme)
         self.inner = inner
         self.repo_dir = repo_dir
@@ -233,7 +237,9 @@ class HubSnapshotBackend(Backend):
 
 def open_hf_cache(url: URL | None = None, **storage_options: Any) -> HubSnapshotBackend:
     """The ``hf-cache://`` backend factory (registered by ``ckptio-safetensors``)."""
-    check_options(storage_options, HubSnapshotBackend.STORAGE_OPTIONS, f"the {SCHEME}:// backend (storage_options)")
+    check_options(
+        storage_options, HubSnapshotBackend.STORAGE_OPTIONS, f"the {SCHEME}:// backend (storage_options)"
+    )
     _, inner = open_backend(URL(scheme="file", path="/"))
     return HubSnapshotBackend(inner, scheme=SCHEME, cache=storage_options.get("cache_dir"))
 

@@ -1,7 +1,8 @@
-"""Entry point of ``ckptio-safetensors``: registers the ``safetensors`` format and the
-``ckptio consolidate`` command.
+"""Entry point of ``ckptio-safetensors``: registers the ``safetensors`` format, the read-only
+``hf-cache://org/name`` backend (Hugging Face hub cache, offline) and the ``ckptio consolidate``
+command.
 
-Both are registered as dotted strings, so loading this entry point (which every process using
+All are registered as dotted strings, so loading this entry point (which every process using
 ckptio does) imports neither the format nor the command-line code; each is imported when used.
 """
 
@@ -15,6 +16,11 @@ from ckptio.ext import hookimpl
 @hookimpl
 def register_formats(register: Any) -> None:
     register("safetensors", "ckptio_safetensors.format:SafetensorsFormat")
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register("hf-cache", "ckptio_safetensors.hf_cache:open_hf_cache")
 
 
 @hookimpl
