@@ -2,6 +2,14 @@
 
 Run ``python benchmarks/bench_local.py [--scale 0.05] [--reps 3] [--only ROW,ROW]``. Writes
 ``benchmarks/results/local.md`` and ``local.json``. See ``benchmarks/README.md`` for how to read the numbers.
+
+* ``--baseline DIR`` adds a ``[baseline]`` row for every ckptio row, run with ckptio (and its plugins) imported
+  from ``DIR``, a copy of ``core/src/ckptio`` and the plugins' packages taken before a change, in the same
+  rounds as this tree's rows: a before/after under the same background load.
+* ckptio finds its plugins (entry points) and imports the file backend on first use. Like the other rows'
+  imports, that happens before the timed region; its time is reported as ``plugin discovery`` (untimed).
+* ``dd`` also reads the ckptio checkpoint's own data files after a cache drop (``ref:dd_ckptio_cold``): the
+  disk's speed on exactly the files a cold ckptio load reads.
 """
 
 from __future__ import annotations
@@ -43,6 +51,17 @@ PEERS_SAVE = {"torch": "torch_save", "safetensors": "safetensors_save", "DCP": "
 PEERS_LOAD = {"torch": "torch_load", "safetensors": "safetensors_load", "DCP": "dcp_fs_load"}
 
 
+BASE = "@base"  # suffix of the rows that run ckptio from --baseline DIR (before/after in one run)
+
+
+def add_baseline_rows() -> None:
+    """Rows ``<ckptio row>@base``: the same methods with ckptio imported from ``--baseline``'s copy."""
+    SAVE_ROWS["ckptio_save" + BASE] = ("ckptio.save [baseline]", "ckptio_base/ckpt")
+    LOAD_ROWS["ckptio_load" + BASE] = ("ckptio.load (in place) [baseline]", "ckptio_save")
+    LOAD_ROWS["ckptio_load_noverify" + BASE] = ("ckptio.load(verify=False) [baseline]", "ckptio_save")
+    CKPTIO_ROWS.update(r + BASE for r in ("ckptio_save", "ckptio_load", "ckptio_load_noverify"))
+
+
 class Skip(Exception):
     """The row cannot run here (e.g. ckptio is not importable yet)."""
 
@@ -58,6 +77,20 @@ def _import_ckptio() -> Any:
     return ckptio
 
 
+def _load_plugins() -> float | None:
+    """ckptio finds its plugins (entry points) and imports the file backend on first use: its
+    import cost, paid once per process. Done here, outside the timed region, as the other rows'
+    imports are; returns the seconds it took (reported as ``plugins_s``)."""
+    try:
+        from ckptio.plugins import backend_factory, get_format
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    backend_factory("file")
+    get_format("native")
+    return time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Worker side (runs in a fresh subprocess per repetition)
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,6 +99,7 @@ def _import_ckptio() -> Any:
 def _do_save(row: str, sd: dict[str, Any], target: Path) -> None:
     import torch
 
+    row = row.removesuffix(BASE)
     if row == "torch_save":
         with open(target, "wb") as f:
             torch.save(sd, f)
@@ -86,8 +120,10 @@ def _do_save(row: str, sd: dict[str, Any], target: Path) -> None:
 
 def _worker_save(task: dict[str, Any]) -> dict[str, Any]:
     row, scale = task["row"], task["scale"]
+    plugins_s = None
     if row in CKPTIO_ROWS:
         _import_ckptio()
+        plugins_s = _load_plugins()
     if row == "dcp_fs_save":
         import torch.distributed.checkpoint  # noqa: F401  (import cost outside the timed region)
     if row == "safetensors_save":
@@ -115,6 +151,7 @@ def _worker_save(task: dict[str, Any]) -> dict[str, Any]:
         "extra_rss_mb": mem.extra_mb,
         "rss_reset": mem.reset_ok,
         "loadavg": load0,
+        "plugins_s": plugins_s,
     }
 
 
@@ -123,6 +160,7 @@ def _worker_load(task: dict[str, Any]) -> dict[str, Any]:
 
     row, scale, mode = task["row"], task["scale"], task["mode"]
     ckptio = _import_ckptio() if row in CKPTIO_ROWS else None
+    plugins_s = _load_plugins() if ckptio is not None else None
     src = Path(task["work"]) / SAVE_ROWS[LOAD_ROWS[row][1]][1]
     if not src.exists():
         raise Skip(f"no checkpoint at {src} (its save row failed?)")
@@ -132,6 +170,7 @@ def _worker_load(task: dict[str, Any]) -> dict[str, Any]:
     if row == "safetensors_load":
         from safetensors.torch import load_file
 
+    row = row.removesuffix(BASE)
     dest = C.make_state_dict(scale, zeros=True)  # existing, pre-touched tensors (like a live model)
     ptrs = {k: t.data_ptr() for k, t in dest.items()}
     nbytes = sum(t.numel() * t.element_size() for t in dest.values())
@@ -184,6 +223,7 @@ def _worker_load(task: dict[str, Any]) -> dict[str, Any]:
         "check": why,
         "in_place": in_place,
         "loadavg": load0,
+        "plugins_s": plugins_s,
     }
 
 
@@ -211,6 +251,9 @@ def worker_main(task: dict[str, Any]) -> int:
 
     if task.get("threads"):
         torch.set_num_threads(int(task["threads"]))
+    if task.get("row", "").endswith(BASE):  # ckptio (and its plugins) from the --baseline copy
+        sys.path.insert(0, task["baseline"])
+        add_baseline_rows()
     try:
         fn = {"save": _worker_save, "load": _worker_load, "memcpy": _worker_memcpy}[task["kind"]]
         res = fn(task)
@@ -274,6 +317,19 @@ def run_dd(work: Path, nbytes: int, reps: int, log: Any) -> dict[str, dict[str, 
     return out
 
 
+def dd_files_cold(src: Path) -> dict[str, Any]:
+    """``dd bs=16M`` of every data file of the checkpoint at ``src``, one after the other, after a
+    cache drop: the disk's speed on the very files a cold load reads."""
+    files = [p for p in C.iter_files(src) if p.suffix == ".bin"]
+    nbytes = sum(p.stat().st_size for p in files)
+    cold = C.drop_caches()
+    load0 = C.loadavg()
+    t0 = time.perf_counter()
+    for p in files:
+        _dd([f"if={p}", "of=/dev/null", "bs=16M"])
+    return {"ok": True, "time_s": time.perf_counter() - t0, "bytes": nbytes, "cold": cold, "loadavg": load0}
+
+
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     good = [s for s in samples if s.get("ok")]
     if not good:
@@ -314,6 +370,9 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     loads = [s["loadavg"] for s in good if s.get("loadavg") is not None]
     if loads:
         res["loadavg_med"] = statistics.median(loads)
+    plugins = [s["plugins_s"] for s in good if s.get("plugins_s") is not None]
+    if plugins:
+        res["plugins_s_med"] = statistics.median(plugins)
     return res
 
 
@@ -398,6 +457,8 @@ def build_report(
             notes.append(f"{s['failed_reps']} reps failed")
         if s.get("loadavg_med") is not None:
             notes.append(f"loadavg {s['loadavg_med']:.1f}")
+        if s.get("plugins_s_med") is not None:
+            notes.append(f"plugin discovery {s['plugins_s_med']:.2f} s untimed")
         rows.append(
             [
                 label,
@@ -467,6 +528,8 @@ def build_report(
     ref_labels = {
         "ref:dd_write": "`dd bs=16M conv=fdatasync` (durable write)",
         "ref:dd_read_cold": "`dd bs=16M` read after drop_caches (cold)" + cold_note,
+        "ref:dd_ckptio_cold": "`dd bs=16M` of the ckptio checkpoint's data files, after drop_caches (cold)"
+        + cold_note,
         "ref:dd_read_warm": "`dd bs=16M` read from page cache (warm)",
         "ref:memcpy": "memcpy `dst.copy_(src)` into pre-touched buffer",
         "ref:clone": "`src.clone()` (fresh allocation, first-touch faults; info)",
@@ -519,6 +582,25 @@ def build_report(
     target("ckptio cold load", "ckptio_load:cold", "dcp_fs_load:cold", "DCP FileSystemReader", 3.0)
     target("ckptio warm load into existing tensors", "ckptio_load:warm", "ref:memcpy", "memcpy", 0.7)
     target(
+        "ckptio cold load",
+        "ckptio_load:cold",
+        "ref:dd_ckptio_cold",
+        "dd of the same files",
+        1.0,
+        info=True,
+    )
+    if "ckptio_load" + BASE in LOAD_ROWS:
+        for mode in ("cold", "warm"):
+            target(
+                f"ckptio {mode} load (this tree)",
+                f"ckptio_load:{mode}",
+                f"ckptio_load{BASE}:{mode}",
+                "the baseline",
+                1.0,
+                info=True,
+            )
+        target("ckptio save (this tree)", "ckptio_save", "ckptio_save" + BASE, "the baseline", 1.0, info=True)
+    target(
         "ckptio cold load verify=False",
         "ckptio_load_noverify:cold",
         "dcp_fs_load:cold",
@@ -570,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-write", action="store_true", help="print only, do not write benchmarks/results/local.*"
     )
     p.add_argument("--from-json", type=Path, help="re-render the report from a local.json of an earlier run")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run every ckptio row with ckptio imported from this directory (a copy of core/src and the "
+        "plugins' src, e.g. before a change), as '[baseline]' rows, in the same rounds",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -577,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:  # re-render the report of an earlier run
         data = json.loads(args.from_json.read_text())
         args.scale, args.reps = data["args"]["scale"], data["args"]["reps"]
+        if data["args"].get("baseline"):
+            add_baseline_rows()
         md, _, _ = build_report(data["facts"], data["summary"], args, data["elapsed_s"])
         print(md)
         if not args.no_write:
@@ -584,9 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     only = {x.strip() for x in args.only.split(",") if x.strip()}
+    if args.baseline:
+        args.baseline = args.baseline.resolve()
+        add_baseline_rows()
 
     def want(row: str) -> bool:
-        return not only or row in only
+        return not only or row.removesuffix(BASE) in only
 
     t_start = time.perf_counter()
     args.work = args.work.resolve()
@@ -605,7 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     raw: dict[str, list[dict[str, Any]]] = {}
-    task_base = {"scale": args.scale, "work": str(args.work), "threads": args.threads}
+    task_base = {
+        "scale": args.scale,
+        "work": str(args.work),
+        "threads": args.threads,
+        "baseline": str(args.baseline or ""),
+    }
 
     # 1. references
     if want("dd"):
@@ -643,7 +741,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.work / SAVE_ROWS[src_row][1]).exists():
             r = C.run_worker(SCRIPT, {**task_base, "kind": "save", "row": src_row, "rep": -1})
             log(f"prepared {src_row} checkpoint: {'ok' if r.get('ok') else r.get('error')}")
+    ckptio_ckpt = args.work / SAVE_ROWS["ckptio_save"][1]
     for rep in range(args.reps):
+        if want("dd") and ckptio_ckpt.exists():
+            r = dd_files_cold(ckptio_ckpt)
+            raw.setdefault("ref:dd_ckptio_cold", []).append(r)
+            log(f"dd of the ckptio files, cold: {r['bytes'] / r['time_s'] / C.GB:.2f} GB/s")
         for mode in ("cold", "warm"):
             for row in load_rows:
                 key = f"{row}:{mode}"
@@ -676,7 +779,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         data = {
             "facts": facts,
-            "args": {"scale": args.scale, "reps": args.reps, "only": sorted(only)},
+            "args": {
+                "scale": args.scale,
+                "reps": args.reps,
+                "only": sorted(only),
+                "baseline": str(args.baseline or ""),
+            },
             "elapsed_s": elapsed,
             "summary": summ,
             "targets": target_data,

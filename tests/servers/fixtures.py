@@ -366,11 +366,19 @@ def s3_bucket(s3_server: S3Server) -> str:
 
 
 @pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """Export AWS_* credentials/region and AWS_ENDPOINT_URL_S3 for this test only."""
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """Export AWS_* credentials/region and AWS_ENDPOINT_URL_S3 for this test only.
+
+    s3fs caches file-system instances by their options, and an instance made with no options in
+    an earlier test (without these variables) keeps its credential-less session: drop the cache
+    so this test's clients read the environment."""
+    import s3fs
+
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
-    return s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture

@@ -103,6 +103,25 @@ def open_backend(url: str | URL, storage_options: dict[str, Any] | None = None) 
     return (u if resolved == u.path else dataclasses.replace(u, path=resolved)), backend
 
 
+def run_dcp_save(expanded: dict[str, Any], writer: Any, pg: Any, what: Any) -> None:
+    """``dcp.save`` of an expanded state through ``writer``, with ckptio's planner; DCP's
+    failures (a ``BaseException`` subclass) become ckptio errors naming ``what``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(
+                expanded,
+                storage_writer=writer,
+                planner=SafeSavePlanner(),
+                process_group=pg,
+                no_dist=not _dist.active(pg),
+            )
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        raise translate(exc, f"save to {what}") from exc
+
+
 def read_manifest(backend: Backend, path: str) -> Manifest | None:
     """The manifest at ``path``, ``None`` when there is none; damaged ones raise.
 
@@ -347,20 +366,7 @@ def save_checkpoint(
         writer = fmt.storage_writer(backend, data_dir, fopts, progress=progress)
         if target is not None and backend.commit_mode != "rename" and hasattr(writer, "save_token"):
             writer.save_token = target.token  # the coordinator plans, so the token reaches every rank
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.save(
-                    expanded,
-                    storage_writer=writer,
-                    planner=SafeSavePlanner(),
-                    process_group=pg,
-                    no_dist=not _dist.active(pg),
-                )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # DCP's CheckpointException is a BaseException
-            raise translate(exc, f"save to {u}") from exc
+        run_dcp_save(expanded, writer, pg, u)
         t_write = time.perf_counter()
         addons.hook.on_tensors_written(ctx=ctx)
         artifacts: dict[str, dict[str, Any]] = {}

@@ -274,6 +274,8 @@ def _split_live(backend: Backend, parent: str, groups: Groups) -> tuple[Groups, 
     dead: Groups = {}
     live: dict[str, dict[str, Any]] = {}
     for token, entries in groups.items():
+        if all(key.startswith(TEMP_KEY) for key in entries):
+            continue  # a save writing its first lease right now (or one killed then): not ours
         lease = entries.get(LEASE_SUFFIX)
         body = read_holder(backend, _sibling(backend, parent, lease)) if lease else None
         if token is not None and body and holder_alive(body):

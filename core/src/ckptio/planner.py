@@ -43,8 +43,8 @@ def _digest(obj: Any, where: str) -> str:
 class SafeSavePlanner(DefaultSavePlanner):
     """:class:`DefaultSavePlanner` that writes JSON for objects and refuses silent per-rank dedup."""
 
-    def __init__(self, check_replicas: bool = True) -> None:
-        super().__init__(dedup_save_to_lowest_rank=True)
+    def __init__(self, check_replicas: bool = True, enable_plan_caching: bool = False) -> None:
+        super().__init__(dedup_save_to_lowest_rank=True, enable_plan_caching=enable_plan_caching)
         self._check_replicas = check_replicas
 
     def create_local_plan(self) -> SavePlan:
@@ -59,7 +59,8 @@ class SafeSavePlanner(DefaultSavePlanner):
         if not self._check_replicas or not torch.distributed.is_initialized():
             return plan
         digests: dict[str, str] = {}
-        for item in plan.items:
+        # ``self.plan``: the whole local plan, also when plan caching sends an empty one
+        for item in self.plan.items:
             if item.type == WriteItemType.SHARD or isinstance(self.state_dict.get(item.index.fqn), DTensor):
                 continue  # lookup_object returns a DTensor's local shard, which differs per rank by design
             obj = self.lookup_object(item.index)
@@ -83,6 +84,15 @@ class SafeSavePlanner(DefaultSavePlanner):
                 )
             all_plans = [dataclasses.replace(p, planner_data=p.planner_data[0]) for p in all_plans]
         return super().create_global_plan(all_plans)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = super().finish_plan(new_plan)
+        if not new_plan.usable and new_plan.storage_data is not None:
+            # a cached plan: its items are this rank's, its storage data is the *previous* save's
+            # (file prefix and, on marker stores, the save's token); this save's comes with new_plan
+            plan = dataclasses.replace(plan, storage_data=new_plan.storage_data)
+            self.plan = plan
+        return plan
 
     def transform_object(self, write_item: WriteItem, object: Any) -> Any:
         if write_item.type == WriteItemType.BYTE_IO:

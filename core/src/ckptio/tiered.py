@@ -35,13 +35,11 @@ import pickle
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-import torch.distributed.checkpoint as dcp
 import xxhash
 
 from . import _dist
@@ -56,6 +54,7 @@ from .checkpoint import (
     expand_state,
     load_checkpoint,
     read_manifest,
+    run_dcp_save,
 )
 from .commit import Target, new_token, remove_leftovers
 from .copying import COPY_CHUNK, _check_digest, _stream_file
@@ -66,12 +65,10 @@ from .errors import (
     ConcurrentWriteError,
     CorruptCheckpointError,
     OptionError,
-    translate,
 )
 from .manager import LATEST_NAME, CheckpointManager, step_name
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from .options import declared_keywords
-from .planner import SafeSavePlanner
 from .plugins import get_format
 from .reading import Located
 from .retention import KeepAll, KeepLatest, RetentionPolicy, StepInfo
@@ -764,20 +761,7 @@ class TieredCheckpointManager:
                 writer = self._fmt.storage_writer(
                     backend, data_dir, self._fopts, progress=False if staging is not None else None
                 )
-                try:
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                        dcp.save(
-                            expand_state(state, rank),
-                            storage_writer=writer,
-                            planner=SafeSavePlanner(),
-                            process_group=pg,
-                            no_dist=not _dist.active(pg),
-                        )
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as exc:  # DCP's CheckpointException is a BaseException
-                    raise translate(exc, f"save to {url}") from exc
+                run_dcp_save(expand_state(state, rank), writer, pg, url)
                 t_write = time.perf_counter()
                 held = self._checksum_node_files(data_dir, pg)
 

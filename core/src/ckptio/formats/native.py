@@ -18,10 +18,14 @@ no intermediate ``torch.load``; resharding falls back to a bounded temporary per
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import functools
 import io
 import math
 import operator
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +54,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from .._buffers import as_cpu_contiguous, tensor_memoryview
 from .._device import DeviceWriter
+from .._threads import resolve_thread_count
 from ..backend import Backend
 from ..errors import CorruptCheckpointError
 from ..hookspecs import hookimpl
@@ -67,8 +72,17 @@ from .base import (
     tensor_entries,
 )
 
-DEFAULT_WRITE_THREADS = 2
-DEFAULT_READ_THREADS = 4
+#: Writer threads per rank by default: one per core available to each rank on this machine
+#: (:func:`ckptio.ext.default_thread_count`), at most this many.
+MAX_DEFAULT_WRITE_THREADS = 4
+#: Reader threads per rank by default: two per core available to each rank (a thread waiting for
+#: a cold disk leaves its core to another), at most this many.
+MAX_DEFAULT_READ_THREADS = 8
+READ_THREADS_PER_CORE = 2.0
+#: Local reads and all writes of a block go in pieces of this size, each hashed right before it is
+#: written or right after it lands in the destination, while it is in the core's L2 cache (a
+#: whole block is not: hashing it afterwards reads it from memory a second time).
+PIECE = 256 << 10
 #: Checksums cover blocks of this size, so big tensors are read and verified in parallel pieces,
 #: each hashed while it is still in the CPU cache.
 BLOCK = 16 << 20
@@ -85,16 +99,18 @@ MAX_PATH_INDEX = 1 << 20
 class NativeSaveOptions:
     """The native format's options on ``save`` (and a manager's saves)."""
 
-    thread_count: int = DEFAULT_WRITE_THREADS
-    """Writer threads per rank; each writes its own file (``__<rank>_<k>.bin``)."""
+    thread_count: int | None = None
+    """Writer threads per rank; each writes its own file (``__<rank>_<k>.bin``). Default (``None``):
+    one per core available to each rank on this machine, at most 4."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class NativeLoadOptions:
     """The native format's options on ``load``."""
 
-    thread_count: int = DEFAULT_READ_THREADS
-    """Reader threads per rank (file sizes are checked on four times as many)."""
+    thread_count: int | None = None
+    """Reader threads per rank (file sizes are checked on four times as many). Default (``None``):
+    two per core available to each rank on this machine, at most 8."""
 
 
 @dataclass(slots=True)  # not frozen: its __init__ would cost ~1 us per chunk (32k-chunk tensors)
@@ -134,7 +150,9 @@ class NativeWriter(FormatWriter):
     """Writes each rank's items into ``thread_count`` files, one writer thread per file."""
 
     def write_items(self, items: list[WriteItem], planner: SavePlanner, prefix: str) -> list[WriteResult]:
-        n_threads = max(1, int(getattr(self.options, "thread_count", DEFAULT_WRITE_THREADS)))
+        n_threads = resolve_thread_count(
+            getattr(self.options, "thread_count", None), MAX_DEFAULT_WRITE_THREADS
+        )
         buckets = _split_by_size(items, n_threads)
         names = [self.file_name(f"{prefix}_{k}.bin") for k in range(len(buckets))]
         total = sum(_item_size(it) for it in items)
@@ -167,8 +185,12 @@ class NativeWriter(FormatWriter):
                 hashes = []
                 for off in range(0, max(1, len(mv)), BLOCK):
                     block = mv[off : off + BLOCK]
-                    f.write(block)
-                    hashes.append(_hash(block))
+                    h = xxhash.xxh3_64()
+                    for p in range(0, len(block), PIECE):  # each piece hashed while in cache
+                        piece = block[p : p + PIECE]
+                        h.update(piece)
+                        f.write(piece)
+                    hashes.append(h.hexdigest())
                     self._bar.update(len(block))
                 info.update(file=name, pos=pos, length=len(buf), xxh3=hashes)
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf), storage_data=info))
@@ -236,15 +258,17 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
     return {"state": tensors, "planner_data": planner_data, "version": md.version}
 
 
-def _int_list(x: Any, where: str) -> tuple[int, ...]:
-    # map/min/max run in C: this is called three times per chunk (32k-chunk tensors exist)
+def _int_list(x: Any, where: str, fqn: str = "", what: str = "") -> tuple[int, ...]:
+    # map/min/max run in C: this is called three times per chunk (32k-chunk tensors exist), so
+    # the message is only formatted on failure
     if (
         type(x) is not list
         or len(x) > MAX_NDIM
         or (x and (set(map(type, x)) != _INT or min(x) < 0 or max(x) > _MAX_DIM))
     ):
+        at = f"{where}: {fqn} {what}" if what else where
         raise CorruptCheckpointError(
-            f"{where}: expected at most {MAX_NDIM} integers in [0, 2**62], got {x!r:.200}"
+            f"{at}: expected at most {MAX_NDIM} integers in [0, 2**62], got {x!r:.200}"
         )
     return tuple(x)
 
@@ -314,7 +338,7 @@ def _metadata_from_json(
         if not isinstance(t, dict) or type(t.get("chunks")) is not list:
             raise CorruptCheckpointError(f"{where}: bad entry for tensor {fqn!r}")
         dtype = parse_dtype(t.get("dtype", "?"))
-        size = _int_list(t.get("size"), f"{where}: {fqn} size")
+        size = _int_list(t.get("size"), where, fqn, "size")
         ndim = len(size)
         total = math.prod(size)
         if total * dtype.itemsize > _MAX_DIM:
@@ -328,7 +352,7 @@ def _metadata_from_json(
         for c in t["chunks"]:
             if type(c) is not list or len(c) != 2:
                 raise CorruptCheckpointError(f"{where}: bad chunk for {fqn!r}")
-            off, sz = _int_list(c[0], f"{where}: {fqn} offsets"), _int_list(c[1], f"{where}: {fqn} sizes")
+            off, sz = _int_list(c[0], where, fqn, "offsets"), _int_list(c[1], where, fqn, "sizes")
             if (
                 len(off) != ndim
                 or len(sz) != ndim
@@ -361,7 +385,7 @@ def _metadata_from_json(
             fqn, file, pos, length, off_json = s["fqn"], s["file"], s["pos"], s["length"], s["offsets"]
             if type(pos) is not int or type(length) is not int or type(fqn) is not str:
                 raise TypeError("fqn/pos/length")
-            offsets = None if off_json is None else _int_list(off_json, f"{where}: {fqn} offsets")
+            offsets = None if off_json is None else _int_list(off_json, where, fqn, "offsets")
         except CorruptCheckpointError:
             raise
         except Exception as exc:
@@ -524,6 +548,8 @@ def tiling_problem(
         return None if len(nonempty) == 1 else "do not hold the scalar exactly once"
     if not nonempty or not math.prod(size):
         return None if not nonempty and not math.prod(size) else "overlap or leave a gap"
+    if _is_grid(size, nonempty):
+        return None
     for first in range(len(size)):  # the first dimension to sweep; each try has its own budget
         order = [first] + [d for d in range(len(size)) if d != first]
         permuted = [(tuple(o[d] for d in order), tuple(s[d] for d in order)) for o, s in nonempty]
@@ -534,6 +560,30 @@ def tiling_problem(
             continue
         return None if ok else "overlap or leave a gap"
     return "are laid out too irregularly to check; refusing"
+
+
+def _is_grid(size: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether ``boxes`` are exactly the cells of one grid over ``size``: in every dimension the
+    boxes' intervals cut ``[0, size)`` into consecutive pieces (a start always with the same
+    length), the boxes start at distinct offsets, and there are as many boxes as cells. Each box
+    is then one cell and each cell one box, so they tile the tensor. This is what DCP writes (a
+    slab per rank for ``Shard``, a grid for 2-D meshes), checked in O(n * ndim); anything else is
+    left to the sweep."""
+    cells = 1
+    for d in range(len(size)):
+        pieces: dict[int, int] = {}
+        for o, s in boxes:
+            if pieces.setdefault(o[d], s[d]) != s[d]:
+                return False
+        end = 0
+        for start in sorted(pieces):
+            if start != end:
+                return False
+            end += pieces[start]
+        if end != size[d]:
+            return False
+        cells *= len(pieces)
+    return cells == len(boxes) and len({o for o, _ in boxes}) == len(boxes)
 
 
 def _tiles(
@@ -588,7 +638,9 @@ class NativeReader(FormatReader):
         self.path = path
         self.manifest = manifest
         self.verify = bool(verify)
-        self.thread_count = max(1, int(options.thread_count))
+        self.thread_count = resolve_thread_count(
+            options.thread_count, MAX_DEFAULT_READ_THREADS, per_core=READ_THREADS_PER_CORE
+        )
         where = backend.url(path)
         self.metadata, self.entries = metadata_from_json(
             manifest.format_metadata, manifest.files, where, require_checksums=self.verify
@@ -597,10 +649,14 @@ class NativeReader(FormatReader):
         self._lock = threading.Lock()
         self._progress = progress
         self._bar = Progress(0, "", enable=False)
+        self._files: _OpenFiles | None = None  # during ``read_data`` on local file systems
         # Declared sizes are made true before anything sized from the metadata is allocated (by
         # one rank for all files; every rank checks the files it reads in ``read_data``).
         # Not in ``read_metadata``: DCP turns any error raised there into an AssertionError.
-        self._sizes = FileSizeChecker(backend, path, manifest.files, threads=4 * self.thread_count)
+        # Locally a size is one ``lstat``: threads would cost more than they save.
+        self._local = backend.local_path(path) is not None
+        size_threads = 1 if self._local else 4 * self.thread_count
+        self._sizes = FileSizeChecker(backend, path, manifest.files, threads=size_threads)
         if is_first_rank():
             self._sizes.check(e.file for e in self.entries.values())
 
@@ -631,19 +687,23 @@ class NativeReader(FormatReader):
                 tasks.append((e.length, (self._read_resharded, req, e, dst, planner)))
             self.bytes_read += e.length
         self._bar = Progress(self.bytes_read, "ckptio load", enable=self._progress, delay=2.0)
+        if self._local:
+            self._files = _OpenFiles(self.backend)
         try:
             batches = _batches(tasks)
             if self.thread_count == 1 or (len(batches) <= 1 and not to_device):
                 self.read_to_device(to_device, None)
-                for batch in batches:
+                for _, batch in batches:
                     _run(batch)
             else:
-                with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-read") as pool:
-                    self.read_to_device(to_device, pool)  # before the host tasks take the pool
-                    for f in [pool.submit(_run, batch) for batch in batches]:
-                        f.result()
+                pool = _read_pool(self.thread_count)
+                self.read_to_device(to_device, pool)  # before the host tasks take the pool
+                _run_on(pool, batches, self.thread_count)
         finally:
             self._bar.close()
+            if self._files is not None:
+                self._files.close()
+                self._files = None
         for req, dst in direct:
             planner.commit_tensor(req, dst)
         fut: torch.futures.Future[None] = torch.futures.Future()
@@ -670,15 +730,26 @@ class NativeReader(FormatReader):
         self._read_piece(e, k * BLOCK, view[k * BLOCK : (k + 1) * BLOCK])
 
     def _read_piece(self, e: _Entry, off: int, piece: memoryview) -> None:
-        """Read ``piece`` from chunk ``e`` at byte ``off`` (a multiple of :data:`BLOCK`), verified."""
+        """Read ``piece`` from chunk ``e`` at byte ``off`` (a multiple of :data:`BLOCK`), verified.
+
+        On a local file system the block is read with ``preadv`` straight into ``piece``, in
+        :data:`PIECE`-sized parts each hashed as soon as it lands, while it is still in the CPU
+        cache; elsewhere through :meth:`Backend.read_into`, then hashed."""
         k = off // BLOCK
         fpath = self.backend.join(self.path, e.file)
+        hashing = self.verify and e.xxh3 is not None
+        files = self._files
         try:
-            self.backend.read_into(fpath, e.pos + off, piece)
+            fd = files.fileno(fpath) if files is not None else None
+            if fd is not None:
+                digest = _pread_hashed(self.backend, fd, fpath, e.pos + off, piece, hashing)
+            else:
+                self.backend.read_into(fpath, e.pos + off, piece)
+                digest = _hash(piece) if hashing else None
         except FileNotFoundError as exc:  # deleted since its size was checked
             raise missing_file(self.backend, fpath, exc) from exc
         self._bar.update(len(piece))
-        if self.verify and e.xxh3 is not None and _hash(piece) != e.xxh3[k]:
+        if hashing and e.xxh3 is not None and digest != e.xxh3[k]:
             url = self.backend.url(fpath)
             raise CorruptCheckpointError(
                 f"checksum mismatch in {url} (tensor {e.fqn!r}): the file is damaged", path=url
@@ -720,6 +791,86 @@ class NativeReader(FormatReader):
         dst.copy_(src)
         with self._lock:
             planner.commit_tensor(req, dst)
+
+
+class _OpenFiles:
+    """The data files that the threads of one ``read_data`` hold open, on local file systems.
+
+    Each thread keeps the file it read last open (its tasks come sorted by file), so a file is
+    opened about once per thread rather than once per block or small chunk; opening goes through
+    :meth:`Backend.open_read`, so the backend's rules (no symlinks, regular files only) hold.
+    :meth:`close` closes them all once the reads are done.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._open: dict[int, contextlib.ExitStack] = {}
+        self.usable = True
+
+    def fileno(self, fpath: str) -> int | None:
+        """A file descriptor on ``fpath`` for ``preadv``, ``None`` where the backend gives none."""
+        cur = getattr(self._tls, "cur", None)
+        if cur is not None:
+            if cur[0] == fpath:
+                return int(cur[1])
+            self._tls.cur = None
+            self._drop(cur[2])
+        if not self.usable:
+            return None
+        stack = contextlib.ExitStack()
+        try:
+            fd = stack.enter_context(self.backend.open_read(fpath)).fileno()
+        except (AttributeError, io.UnsupportedOperation):  # no real file descriptor after all
+            stack.close()
+            self.usable = False
+            return None
+        except BaseException:
+            stack.close()
+            raise
+        with self._lock:
+            self._open[id(stack)] = stack
+        self._tls.cur = (fpath, fd, stack)
+        return int(fd)
+
+    def _drop(self, stack: contextlib.ExitStack) -> None:
+        with self._lock:
+            self._open.pop(id(stack), None)
+        stack.close()
+
+    def close(self) -> None:
+        with self._lock:
+            stacks, self._open = list(self._open.values()), {}
+        for stack in stacks:
+            stack.close()
+
+
+def _pread_hashed(
+    backend: Backend, fd: int, fpath: str, start: int, out: memoryview, hashing: bool
+) -> str | None:
+    """Fill ``out`` from ``fd`` at ``start`` in :data:`PIECE`-sized ``preadv`` calls, hashing each
+    part right after it lands (still in cache); returns the xxh3-64 of ``out`` when ``hashing``.
+    An ``OSError`` is left to :meth:`Backend.read_into` to retry or report in the backend's terms;
+    a file that ends early is damage."""
+    h = xxhash.xxh3_64() if hashing else None
+    n = len(out)
+    done = 0
+    while done < n:
+        try:
+            got = os.preadv(fd, [out[done : min(n, done + PIECE)]], start + done)
+        except OSError:
+            backend.read_into(fpath, start + done, out[done:])
+            got = n - done
+        if got == 0:
+            url = backend.url(fpath)
+            raise CorruptCheckpointError(
+                f"{url} is truncated: wanted {n} bytes at offset {start}, got {done}", path=url
+            )
+        if h is not None:
+            h.update(out[done : done + got])
+        done += got
+    return h.hexdigest() if h is not None else None
 
 
 class NativeFormat(Format):
@@ -789,27 +940,105 @@ class NativeFormat(Format):
         return tensor_entries(md, entries.values())
 
 
-def _batches(tasks: list[tuple[int, Any]], limit: int = 1 << 20, count: int = 256) -> list[list[Any]]:
+def _batches(
+    tasks: list[tuple[int, Any]], limit: int = 1 << 20, count: int = 256
+) -> list[tuple[int, list[Any]]]:
     """Group consecutive small read tasks (up to ``limit`` bytes or ``count`` tasks) so that a
     tensor of many small chunks is not one thread-pool submission per chunk; big blocks stay
-    alone, so they are still read in parallel."""
-    out: list[list[Any]] = []
+    alone, so they are still read in parallel. Returns ``(bytes, tasks)`` per batch."""
+    out: list[tuple[int, list[Any]]] = []
     cur: list[Any] = []
     size = 0
     for n, task in tasks:
         if cur and (size + n > limit or len(cur) >= count):
-            out.append(cur)
+            out.append((size, cur))
             cur, size = [], 0
         cur.append(task)
         size += n
     if cur:
-        out.append(cur)
+        out.append((size, cur))
     return out
 
 
 def _run(batch: list[Any]) -> None:
     for fn, *args in batch:
         fn(*args)
+
+
+def _run_on(pool: ThreadPoolExecutor, batches: list[tuple[int, list[Any]]], n: int) -> None:
+    """Run ``batches`` (in file order) on ``n`` threads: the caller and ``n - 1`` of ``pool``'s.
+
+    Each thread gets a contiguous share of about the same bytes and reads it front to back, so
+    every thread's reads are sequential in its file and the kernel's readahead stays ahead of
+    them on a cold disk (threads taking turns at consecutive blocks look random to it). A thread
+    done with its share takes batches from the end of the longest share left. After a failure no
+    new batch starts; the first error is raised once every thread has stopped, so nothing still
+    writes into the destination."""
+    total = sum(size for size, _ in batches)
+    shares: list[collections.deque[list[Any]]] = [collections.deque()]
+    done = 0
+    for size, batch in batches:
+        if done >= total * len(shares) / n and shares[-1] and len(shares) < n:
+            shares.append(collections.deque())
+        shares[-1].append(batch)
+        done += size
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+
+    def take(i: int) -> list[Any] | None:
+        with lock:
+            if shares[i]:
+                return shares[i].popleft()
+            longest = max(shares, key=len)
+            return longest.pop() if longest else None
+
+    def drain(i: int) -> None:
+        while not failed:
+            batch = take(i)
+            if batch is None:
+                return
+            try:
+                _run(batch)
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+
+    helpers = [pool.submit(drain, i) for i in range(1, len(shares))]
+    try:
+        drain(0)
+    finally:
+        concurrent.futures.wait(helpers)
+    for f in helpers:
+        f.result()
+
+
+_pool_lock = threading.Lock()
+_pool: list[Any] = [None, 0]  # the process's reader pool and its size
+
+
+def _read_pool(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least ``n`` reader threads, kept from one load to the next:
+    starting a thread costs a load up to ~10 ms on a busy machine, where ranks start theirs all
+    at once. Grown (replaced) when a load wants more threads; forgotten in a forked child."""
+    with _pool_lock:
+        pool, size = _pool
+        if pool is None or size < n:
+            if pool is not None:
+                pool.shutdown(wait=False)  # its threads finish what they run, then exit
+            pool = ThreadPoolExecutor(n, thread_name_prefix="ckptio-read")
+            _pool[:] = [pool, n]
+        return pool  # type: ignore[no-any-return]
+
+
+def _forget_read_pool() -> None:
+    """In a forked child the parent's threads do not exist: start over (lock included)."""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool[:] = [None, 0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_read_pool)
 
 
 def _sorted_entries(entries: Iterable[_Entry]) -> list[_Entry]:
