@@ -28,7 +28,17 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
     def text() -> str:
         body = table(
-            ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKENDS", "FORMATS", "ADDONS", "COMMANDS", "INTEGRATIONS", "STATUS"],
+            [
+                "PLUGIN",
+                "DISTRIBUTION",
+                "VERSION",
+                "BACKENDS",
+                "FORMATS",
+                "ADDONS",
+                "COMMANDS",
+                "INTEGRATIONS",
+                "STATUS",
+            ],
             [
                 [
                     r["name"],
