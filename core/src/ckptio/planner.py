@@ -41,7 +41,17 @@ def _digest(obj: Any, where: str) -> str:
 
 
 class SafeSavePlanner(DefaultSavePlanner):
-    """:class:`DefaultSavePlanner` that writes JSON for objects and refuses silent per-rank dedup."""
+    """:class:`DefaultSavePlanner` that writes JSON for objects and refuses silent per-rank dedup.
+
+    ``enable_plan_caching`` turns on DCP's save-plan cache: when a rank's local plan is the same as
+    in its previous save, it sends an empty plan and the coordinator reuses the cached global plan.
+    The cached plan's storage data (file prefix and, on marker stores, the save's token) is
+    replaced by the current save's (:meth:`finish_plan`), so a cached plan never names the previous
+    save's files. It stays off by default: it saved 5-8% of small saves at 4-16 ranks on one
+    machine (the planning collectives), and DCP keys its cache by planner class only, so a process
+    that saves the same state with two different process groups would reuse a plan of the other
+    group.
+    """
 
     def __init__(self, check_replicas: bool = True, enable_plan_caching: bool = False) -> None:
         super().__init__(dedup_save_to_lowest_rank=True, enable_plan_caching=enable_plan_caching)

@@ -79,10 +79,10 @@ MAX_DEFAULT_WRITE_THREADS = 4
 #: a cold disk leaves its core to another), at most this many.
 MAX_DEFAULT_READ_THREADS = 8
 READ_THREADS_PER_CORE = 2.0
-#: Local reads and all writes of a block go in pieces of this size, each hashed right before it is
-#: written or right after it lands in the destination, while it is in the core's L2 cache (a
-#: whole block is not: hashing it afterwards reads it from memory a second time).
-PIECE = 256 << 10
+#: Verified local reads and all writes of a block go in pieces of this size, each hashed right
+#: before it is written or right after it lands in the destination, while it is still in the CPU
+#: cache (a whole block is not: hashing it afterwards reads it from memory a second time).
+PIECE = 512 << 10
 #: Checksums cover blocks of this size, so big tensors are read and verified in parallel pieces,
 #: each hashed while it is still in the CPU cache.
 BLOCK = 16 << 20
@@ -849,16 +849,17 @@ class _OpenFiles:
 def _pread_hashed(
     backend: Backend, fd: int, fpath: str, start: int, out: memoryview, hashing: bool
 ) -> str | None:
-    """Fill ``out`` from ``fd`` at ``start`` in :data:`PIECE`-sized ``preadv`` calls, hashing each
-    part right after it lands (still in cache); returns the xxh3-64 of ``out`` when ``hashing``.
+    """Fill ``out`` from ``fd`` at ``start``; when ``hashing``, in :data:`PIECE`-sized ``preadv``
+    calls, each part hashed right after it lands (still in cache), and return the xxh3-64 of ``out``.
     An ``OSError`` is left to :meth:`Backend.read_into` to retry or report in the backend's terms;
     a file that ends early is damage."""
     h = xxhash.xxh3_64() if hashing else None
     n = len(out)
+    step = PIECE if hashing else n  # unverified: nothing to keep in cache, one call per block
     done = 0
     while done < n:
         try:
-            got = os.preadv(fd, [out[done : min(n, done + PIECE)]], start + done)
+            got = os.preadv(fd, [out[done : min(n, done + step)]], start + done)
         except OSError:
             backend.read_into(fpath, start + done, out[done:])
             got = n - done
