@@ -24,13 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +38,7 @@ SCRIPT = Path(__file__).resolve()
 MiB = 1 << 20
 PART = 32 * MiB
 CONCURRENCY = 8
-KEY, SECRET, REGION = "testing", "testing", "us-east-1"
+KEY, SECRET, REGION = C.MOTO_KEY, C.MOTO_SECRET, C.MOTO_REGION
 
 
 # -- worker side ------------------------------------------------------------------------------------
@@ -54,10 +51,6 @@ def _state(mib: int, zeros: bool) -> dict[str, Any]:
     return {
         f"layer{i}.weight": torch.zeros(numel) if zeros else torch.randn(numel, generator=g) for i in range(n)
     }
-
-
-def _s3_opts(ep: str) -> dict[str, Any]:
-    return {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": ep, "region_name": REGION}}
 
 
 def worker(task: dict[str, Any]) -> None:
@@ -78,7 +71,7 @@ def worker(task: dict[str, Any]) -> None:
             import ckptio
 
             url = f"s3://{bucket}/{prefix}" if kind == "ckptio-s3" else f"msc://bench/{prefix}"
-            opts = dict(_s3_opts(ep)) if kind == "ckptio-s3" else {}
+            opts = dict(C.moto_storage_options(ep)) if kind == "ckptio-s3" else {}
             opts.update(part_size=PART, concurrency=CONCURRENCY)
             if op == "save":
                 ckptio.save(sd, url, storage_options=opts)
@@ -92,11 +85,13 @@ def worker(task: dict[str, Any]) -> None:
             if op == "save":
                 dcp.save(
                     sd,
-                    storage_writer=FsspecWriter(url, thread_count=2, sync_files=False, **_s3_opts(ep)),
+                    storage_writer=FsspecWriter(
+                        url, thread_count=2, sync_files=False, **C.moto_storage_options(ep)
+                    ),
                     no_dist=True,
                 )
             else:
-                dcp.load(sd, storage_reader=FsspecReader(url, **_s3_opts(ep)), no_dist=True)
+                dcp.load(sd, storage_reader=FsspecReader(url, **C.moto_storage_options(ep)), no_dist=True)
         elif kind == "msc-dcp":
             import torch.distributed.checkpoint as dcp
             from multistorageclient.contrib.torch import (
@@ -112,12 +107,9 @@ def worker(task: dict[str, Any]) -> None:
         elif kind == "boto3":
             import io
 
-            import boto3
             from boto3.s3.transfer import TransferConfig
 
-            s3 = boto3.client(
-                "s3", endpoint_url=ep, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name=REGION
-            )
+            s3 = C.moto_s3_client(ep)
             cfg = TransferConfig(
                 multipart_chunksize=PART, max_concurrency=CONCURRENCY, multipart_threshold=PART
             )
@@ -156,33 +148,6 @@ def worker(task: dict[str, Any]) -> None:
 
 
 # -- driver side ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    cmd = (
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)]
-        if exe.exists()
-        else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    )
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
-    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
-    ep = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{ep}/moto-api/", timeout=1).read()
-            return proc, ep
-        except Exception:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
-
-
 METHODS = [
     ("ckptio-s3", "ckptio s3:// (ckptio-fsspec)"),
     ("ckptio-msc", "ckptio msc:// (ckptio-msc)"),
@@ -216,13 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     mib = min(256, args.mib)
     work = Path(tempfile.mkdtemp(prefix="ckptio-bench-cloud-"))
-    proc, ep = _start_moto(work / "moto.log")
+    proc, ep = C.start_moto(work / "moto.log")
     try:
-        import boto3
-
-        s3 = boto3.client(
-            "s3", endpoint_url=ep, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name=REGION
-        )
+        s3 = C.moto_s3_client(ep)
         bucket = "bench"
         s3.create_bucket(Bucket=bucket)
         cfg = {
@@ -283,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             results[method] = row
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        C.stop_moto(proc)
 
     def rate(m: str, op: str) -> float | None:
         v = results.get(m, {}).get(op, {}).get("median_mib_s")

@@ -25,12 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,41 +37,7 @@ import common
 
 TARGET = 3.0
 SIZE_ENV = "CKPTIO_BENCH_TIERED_GB"
-KEY = SECRET = "testing"
-REGION = "us-east-1"
 BUCKET = "ckptio-bench-tiered"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    cmd = (
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)]
-        if exe.exists()
-        else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    )
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
-    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
-    ep = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{ep}/moto-api/", timeout=1).read()
-            return proc, ep
-        except Exception:
-            time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("moto_server did not start")
-
-
-def _storage_options(ep: str) -> dict[str, Any]:
-    return {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": ep, "region_name": REGION}}
 
 
 def _scale(gb: float) -> float:
@@ -86,7 +49,7 @@ def _worker(task: dict[str, Any]) -> None:
 
     scale = task["scale"]
     root = f"s3://{BUCKET}/run"
-    opts = _storage_options(task["endpoint"])
+    opts = common.moto_storage_options(task["endpoint"])
     if task["phase"] == "save":
         state = common.make_state_dict(scale)
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -161,13 +124,9 @@ def main() -> int:
     common.remove(work)
     work.mkdir(parents=True)
     facts = common.machine_facts(work)
-    proc, ep = _start_moto(work / "moto.log")
+    proc, ep = common.start_moto(work / "moto.log")
     try:
-        import boto3
-
-        boto3.client(
-            "s3", endpoint_url=ep, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name=REGION
-        ).create_bucket(Bucket=BUCKET)
+        common.moto_s3_client(ep).create_bucket(Bucket=BUCKET)
         base = {"scale": _scale(args.gb), "endpoint": ep}
         save = common.run_worker(
             Path(__file__), {**base, "phase": "save", "local": str(work / "nvme"), "saves": args.saves}, 1800
@@ -192,12 +151,7 @@ def main() -> int:
                 )
                 restores[kind].append(res)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        common.stop_moto(proc)
         common.remove(work)
     load_end = common.loadavg()
     gb = save["bytes"] / common.GB

@@ -19,10 +19,12 @@ import math
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -432,3 +434,75 @@ def run_worker(script: Path, task: dict[str, Any], timeout: float = 600.0) -> di
             return res
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
     return {"ok": False, "error": f"rc={proc.returncode}: " + " / ".join(tail), "worker_wall_s": wall}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A local S3 server (moto) for the cloud benchmarks
+# ---------------------------------------------------------------------------------------------------------------
+
+MOTO_KEY = MOTO_SECRET = "testing"
+MOTO_REGION = "us-east-1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_moto(log: Path, timeout: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``moto_server`` on a free port (its output appended to ``log``) and wait until it
+    answers; returns the process and its endpoint URL. Stop it with :func:`stop_moto`."""
+    port = free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    cmd = (
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)]
+        if exe.exists()
+        else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    )
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=MOTO_KEY, AWS_SECRET_ACCESS_KEY=MOTO_SECRET)
+    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+    ep = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{ep}/moto-api/", timeout=1).read()
+            return proc, ep
+        except Exception:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("moto_server did not start")
+
+
+def stop_moto(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server from :func:`start_moto`: terminate, then kill after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def moto_storage_options(ep: str) -> dict[str, Any]:
+    """s3fs ``storage_options`` for the moto server at ``ep``."""
+    return {
+        "key": MOTO_KEY,
+        "secret": MOTO_SECRET,
+        "client_kwargs": {"endpoint_url": ep, "region_name": MOTO_REGION},
+    }
+
+
+def moto_s3_client(ep: str) -> Any:
+    """A boto3 S3 client for the moto server at ``ep``."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=ep,
+        aws_access_key_id=MOTO_KEY,
+        aws_secret_access_key=MOTO_SECRET,
+        region_name=MOTO_REGION,
+    )

@@ -123,7 +123,7 @@ def test_pop_from_takes_ckptio_keys_and_leaves_the_drivers() -> None:
 def test_a_typo_of_a_ckptio_key_names_the_right_one(typo: str, meant: str) -> None:
     with pytest.raises(OptionError) as info:
         TransferOptions.pop_from({typo: 1})
-    assert str(info.value) == f"unknown storage option {typo!r}; did you mean {meant!r}?"
+    assert str(info.value) == f"unknown option {typo!r} for storage_options; did you mean {meant!r}?"
     assert isinstance(info.value, (CheckpointError, TypeError))
 
 

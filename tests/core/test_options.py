@@ -51,6 +51,28 @@ def test_check_options_several_unknown_and_hidden_deprecated_names() -> None:
         check_options(["a"], [], "a format that takes none")
 
 
+def test_check_options_pass_through_refuses_only_near_misses() -> None:
+    valid = ["part_size", "concurrency"]
+    check_options({"endpoint_url": 1, "anon": True}, valid, "X", pass_through=True)  # someone else's
+    with pytest.raises(ckptio.OptionError) as info:
+        check_options({"part_sise": 1, "anon": True}, valid, "the s3:// backend", pass_through=True)
+    assert str(info.value) == "unknown option 'part_sise' for the s3:// backend; did you mean 'part_size'?"
+    with pytest.raises(ckptio.OptionError, match=r"'Part_Size' \(did you mean 'part_size'\?\), 'concurency'"):
+        check_options(["Part_Size", "concurency", "anon"], valid, "X", pass_through=True)
+    calls: list[int] = []
+
+    def accepted() -> list[str]:
+        calls.append(1)
+        return ["max_concurrency"]
+
+    check_options(["anon"], valid, "X", pass_through=True, accepted=accepted)
+    assert calls == []  # nothing close: not asked
+    check_options(["max_concurrency"], valid, "X", pass_through=True, accepted=accepted)
+    assert calls == [1]
+    with pytest.raises(ckptio.OptionError, match="did you mean 'concurrency'"):
+        check_options(["max_concurrency"], valid, "X", pass_through=True)
+
+
 def test_the_helper_is_part_of_the_extension_api() -> None:
     assert ckptio.ext.check_options is check_options
     assert "check_options" in ckptio.ext.__all__ and "AddonHooks" in ckptio.ext.__all__

@@ -9,20 +9,20 @@ before forking). Protocol, one line each way:
   ``saved <k>`` to the progress file after each save returned; with ``overwrite`` it saves each
   step twice, the second time over its committed copy.
 * ``reap`` -> ``exit <status>`` once the worker is gone; ``quit`` ends the zygote.
+
+The zygote's loop is ``tests/reliability/crash_child.py``'s :func:`serve`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import traceback
 import warnings
 from typing import Any
 
 import ckptio
 import torch
 import torch.distributed.checkpoint as dcp
+
+from tests.reliability.crash_child import preload_plugins, progress_note, serve
 
 
 def make_state(step: int) -> dict[str, Any]:
@@ -63,12 +63,12 @@ def step_url(root: str, step: int) -> str:
 
 def work(cfg: dict[str, Any]) -> None:
     warnings.simplefilter("ignore")
-    log = os.open(cfg["progress"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    note = progress_note(cfg["progress"])
 
     def save(step: int) -> None:
         writer = ckptio.storage_writer(step_url(cfg["root"], step), storage_options=cfg["storage_options"])
         dcp.save(make_state(step), storage_writer=writer)
-        os.write(log, f"saved {step}\n".encode())
+        note(f"saved {step}")
 
     step = cfg["start"]
     while True:
@@ -78,40 +78,6 @@ def work(cfg: dict[str, Any]) -> None:
         step += 1
 
 
-def main() -> None:
-    child = 0
-    for line in sys.stdin:
-        cmd, _, arg = line.strip().partition(" ")
-        if cmd == "run":
-            cfg = json.loads(arg)
-            child = os.fork()
-            if child == 0:
-                code = 0
-                try:
-                    work(cfg)
-                except BaseException:
-                    traceback.print_exc()
-                    code = 2
-                finally:
-                    os._exit(code)
-            print(f"pid {child}", flush=True)
-        elif cmd == "reap":
-            _, status = os.waitpid(child, 0)
-            print(f"exit {status}", flush=True)
-        elif cmd == "quit":
-            return
-
-
 if __name__ == "__main__":
-    from ckptio.plugins import backend_factory, get_format
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_format("native")
-        for scheme in ("file", "s3"):
-            try:
-                backend_factory(scheme)
-            except ckptio.PluginError:
-                pass
-    print("ready", flush=True)
-    main()
+    preload_plugins()
+    serve(work)

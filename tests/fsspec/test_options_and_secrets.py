@@ -21,7 +21,9 @@ def test_a_misspelt_option_names_the_right_one(scheme: str) -> None:
     url = f"{scheme}://bucket-{uuid.uuid4().hex[:8]}/run"
     with pytest.raises(OptionError) as info:
         ckptio.save(plain_state(), url, storage_options={"part_sise": 8 * MiB})
-    assert str(info.value) == "unknown storage option 'part_sise'; did you mean 'part_size'?"
+    assert str(info.value) == (
+        f"unknown option 'part_sise' for the {scheme}:// backend (storage_options); did you mean 'part_size'?"
+    )
     assert isinstance(info.value, TypeError)
 
 

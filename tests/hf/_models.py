@@ -1,5 +1,6 @@
 """Tiny transformers models built from configs (nothing is downloaded) and the rank bodies of the
-two-rank tests (top level, so spawn can pickle them)."""
+two-rank tests (top level, so spawn can pickle them). The safetensors tests build theirs from
+:func:`llama_config` too (``tests/safetensors/_models.py``)."""
 
 from __future__ import annotations
 
@@ -8,57 +9,33 @@ from typing import Any
 
 import torch
 
+#: the shape every tiny config here shares: two layers of four heads over two KV heads
+TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+#: :func:`llama_config`'s default sizes
+LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128)
+#: what the two MoE configs share
+MOE = dict(vocab_size=128, hidden_size=32, num_experts_per_tok=2, tie_word_embeddings=False)
 
-def llama_config(tied: bool = True) -> Any:
-    from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
+def tiny_config(name: str, **fields: Any) -> Any:
+    """``transformers.<name>`` (a config class) of the :data:`TINY` shape with ``fields`` on top."""
+    import transformers
+
+    return getattr(transformers, name)(**{**TINY, **fields})
+
+
+def llama_config(tied: bool = True, **sizes: int) -> Any:
+    """A tiny Llama; ``sizes`` replace :data:`LLAMA`'s (``vocab_size``, ``hidden_size``...)."""
+    return tiny_config("LlamaConfig", **{**LLAMA, **sizes}, tie_word_embeddings=tied)
 
 
 def mixtral_config() -> Any:
-    from transformers import MixtralConfig
-
-    return MixtralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    return tiny_config("MixtralConfig", **MOE, intermediate_size=48, num_local_experts=4)
 
 
 def qwen3_moe_config() -> Any:
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    moe = dict(moe_intermediate_size=16, num_experts=4, decoder_sparse_step=1)
+    return tiny_config("Qwen3MoeConfig", **MOE, **moe, intermediate_size=64, head_dim=8)
 
 
 CONFIGS = {"llama": llama_config, "mixtral": mixtral_config, "qwen3_moe": qwen3_moe_config}

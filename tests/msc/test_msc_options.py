@@ -35,7 +35,9 @@ def test_a_misspelt_option_names_the_right_one(s3_server: Any, s3_bucket: str, t
     opts = {"msc_config": _config(s3_bucket, s3_server.endpoint_url), typo: 1}
     with pytest.raises(OptionError) as info:
         ckptio.save(plain_state(), "msc://inline/x", storage_options=opts)
-    assert str(info.value) == f"unknown storage option {typo!r}; did you mean {meant!r}?"
+    assert str(info.value) == (
+        f"unknown option {typo!r} for the msc:// backend (storage_options); did you mean {meant!r}?"
+    )
 
 
 def test_other_options_go_to_the_storage_provider(s3_server: Any, s3_bucket: str) -> None:

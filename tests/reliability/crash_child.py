@@ -14,6 +14,9 @@ Protocol on stdin/stdout, one line each:
   overwrite=True)`` into an existing HF directory; ``ckptio cp sources[k % n] url --overwrite``;
   tiny ``CheckpointManager`` saves whose ``latest`` rewrite is a large part of the time.
 * ``reap`` -> ``exit <status>`` once the worker is gone.  ``quit`` ends the zygote.
+
+The zygote's loop (:func:`serve`), the progress notes (:func:`progress_note`) and the preloading of
+plugins (:func:`preload_plugins`) are shared with ``tests/dcp/dcp_crash_child.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import os
 import random
 import sys
 import traceback
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import ckptio
@@ -65,13 +70,20 @@ def check_state(state: dict[str, Any], step: int) -> str | None:
     return None
 
 
-def work(cfg: dict[str, Any]) -> None:
-    rng = random.Random(cfg["seed"])
-    log = os.open(cfg["progress"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def progress_note(path: str) -> Callable[[str], None]:
+    """A function appending one line to the progress file ``path`` (a single ``O_APPEND`` write,
+    so a kill never leaves half a line)."""
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def note(line: str) -> None:
         os.write(log, (line + "\n").encode())
 
+    return note
+
+
+def work(cfg: dict[str, Any]) -> None:
+    rng = random.Random(cfg["seed"])
+    note = progress_note(cfg["progress"])
     mgr = ckptio.CheckpointManager(
         cfg["url"],
         retention=ckptio.KeepLatest(2),
@@ -157,35 +169,35 @@ def work_latest(cfg: dict[str, Any], note: Any) -> None:
 KINDS = {"overwrite": work_overwrite, "consolidate": work_consolidate, "cp": work_cp, "latest": work_latest}
 
 
-def run_kind(cfg: dict[str, Any]) -> None:
-    log = os.open(cfg["progress"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def run(cfg: dict[str, Any]) -> None:
+    """The body of one forked worker: the series or one of :data:`KINDS`."""
+    if cfg.get("kind", "series") == "series":
+        work(cfg)
+    else:
+        KINDS[cfg["kind"]](cfg, progress_note(cfg["progress"]))
 
-    def note(line: str) -> None:
-        os.write(log, (line + "\n").encode())
 
-    KINDS[cfg["kind"]](cfg, note)
-
-
-def main() -> None:
+def serve(body: Callable[[dict[str, Any]], None]) -> None:
+    """The zygote: say ``ready``, then answer ``run <json>`` by forking a worker that runs
+    ``body(cfg)`` until it is killed (exit status 2 and a traceback on stderr if it raises),
+    ``reap`` with the worker's wait status, and ``quit`` by returning."""
+    print("ready", flush=True)
+    child = 0
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "run":
             cfg = json.loads(arg)
-            pid = os.fork()
-            if pid == 0:
+            child = os.fork()
+            if child == 0:
                 code = 0
                 try:
-                    if cfg.get("kind", "series") == "series":
-                        work(cfg)
-                    else:
-                        run_kind(cfg)
+                    body(cfg)
                 except BaseException:
                     traceback.print_exc()
                     code = 2
                 finally:
                     os._exit(code)
-            print(f"pid {pid}", flush=True)
-            child = pid
+            print(f"pid {child}", flush=True)
         elif cmd == "reap":
             _, status = os.waitpid(child, 0)
             print(f"exit {status}", flush=True)
@@ -193,23 +205,14 @@ def main() -> None:
             return
 
 
-def preload() -> None:
-    """Import plugins and DCP's lazy modules now, so that each forked worker starts fast."""
-    import importlib
-    import warnings
-
+def preload_plugins() -> None:
+    """Import the native format and the ``file``/``s3`` backends now, so that each forked worker
+    starts fast."""
     from ckptio.plugins import backend_factory, get_format
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ckptio.list_plugins()
         get_format("native")
-        importlib.import_module("ckptio.cli")  # the cp loop
-
-        try:
-            import ckptio_safetensors.consolidation  # noqa: F401  (the consolidate loop)
-        except ImportError:
-            pass
         for scheme in ("file", "s3"):
             try:
                 backend_factory(scheme)
@@ -217,7 +220,22 @@ def preload() -> None:
                 pass
 
 
+def preload() -> None:
+    """Import plugins and DCP's lazy modules now, so that each forked worker starts fast."""
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckptio.list_plugins()
+        importlib.import_module("ckptio.cli")  # the cp loop
+
+        try:
+            import ckptio_safetensors.consolidation  # noqa: F401  (the consolidate loop)
+        except ImportError:
+            pass
+    preload_plugins()
+
+
 if __name__ == "__main__":
     preload()
-    print("ready", flush=True)
-    main()
+    serve(run)

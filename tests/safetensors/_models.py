@@ -6,20 +6,12 @@ from typing import Any
 
 import torch
 
+from tests.hf._models import llama_config
+
 
 def tiny_llama_config() -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    """:func:`tests.hf._models.llama_config`, smaller and untied."""
+    return llama_config(tied=False, vocab_size=128, hidden_size=32, intermediate_size=64)
 
 
 def build_llama(seed: int, shard: bool) -> torch.nn.Module:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 NODES, PER_NODE = 2, 2
 
 
-def _launch(mode: str, root: str, base: Path, reports: Path, timeout: float = 300) -> None:
+def _launch(mode: str, root: str, base: Path, reports: Path, timeout: float = 300, *extra: str) -> None:
     reports.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CKPTIO_PROGRESS": "0"}
@@ -45,6 +45,7 @@ def _launch(mode: str, root: str, base: Path, reports: Path, timeout: float = 30
             root,
             str(base),
             str(reports),
+            *extra,
         ]
         log = (base.parent / f"{mode}-node{node}.log").open("wb")
         procs.append(
@@ -92,3 +93,24 @@ def test_two_nodes_of_two_ranks_with_node_replacement(tmp_path: Path, s3_env: An
         else:
             assert rep["locations"] == {"1": ["durable"], "2": ["durable"]}, rep
             assert tiers["local"] == 0 and tiers["durable"] >= own, rep
+
+
+def test_peer_replication_restores_a_replaced_node_without_the_durable_tier(tmp_path: Path) -> None:
+    """The same two nodes with ``peer_replication=True``: node 1 is replaced *and* the durable tier
+    is gone (its directory deleted, every read refused): node 1's ranks get their files back from
+    node 0's copy, over the process group."""
+    root, base = str(tmp_path / "durable"), tmp_path / "disks"
+    _launch("save", root, base, tmp_path / "saved", 300, "peer")
+    assert sorted(p.name for p in (base / "node0" / "peers" / "node_00001").iterdir()) == [
+        "step_00000001",
+        "step_00000002",
+    ]
+    shutil.rmtree(base / "node1")
+    shutil.rmtree(root)
+    _launch("resume", root, base, tmp_path / "resumed", 300, "peer")
+    for rep in _reports(tmp_path / "resumed"):
+        assert (rep["step"], rep["problem"]) == (2, None), rep
+        assert rep["durable_reads"] == [] and rep["tiers"]["durable"] == 0 and rep["tiers"]["local"] > 0, rep
+    # node 1 holds its own copy of step 2 again, and its copy of node 0's files
+    assert (base / "node1" / "step_00000002" / "manifest.json").exists()
+    assert (base / "node1" / "peers" / "node_00000" / "step_00000002" / "manifest.json").exists()

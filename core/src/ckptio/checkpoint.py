@@ -465,15 +465,20 @@ def find_format(backend: Backend, u: URL, manifest: Manifest | None, path: str |
 def _replaced(backend: Backend, path: str, manifest: Manifest, pg: Any) -> bool:
     """Whether the checkpoint at ``path`` is no longer the one whose manifest the load started with."""
 
-    return bool(_dist.on_coordinator(lambda: _changed(backend, path, manifest), pg, share_result=True))
+    return bool(
+        _dist.on_coordinator(lambda: manifest_changed(backend, path, manifest), pg, share_result=True)
+    )
 
 
 def _replaced_error(u: URL) -> ConcurrentWriteError:
     return ConcurrentWriteError(f"{u} was replaced by another save while it was being loaded; load it again")
 
 
-def _changed(backend: Backend, path: str, manifest: Manifest) -> bool:
-    """Compares the manifest's bytes, not its parse: a second parse of a large one costs seconds."""
+def manifest_changed(backend: Backend, path: str, manifest: Manifest) -> bool:
+    """Whether the manifest at ``path`` is no longer ``manifest`` (or can no longer be read): the
+    checkpoint was replaced or removed since ``manifest`` was read from it.
+
+    Compares the manifest's bytes, not its parse: a second parse of a large one costs seconds."""
     try:
         data = read_limited(backend, backend.join(path, MANIFEST_NAME), MAX_MANIFEST_BYTES, "manifest")
     except CheckpointError:
@@ -553,7 +558,7 @@ def load_checkpoint(
         if bind is not None:  # the reader sees the destinations before DCP plans
             bind(state, expanded)
     except CheckpointError as exc:  # per rank, so no collective here
-        if manifest is not None and _changed(backend, path, manifest):
+        if manifest is not None and manifest_changed(backend, path, manifest):
             raise _replaced_error(u) from exc
         raise
     per_rank = [k for k, v in state.items() if isinstance(v, (PerRank, RNGState))]

@@ -196,7 +196,7 @@ def _split_options(
 
 
 # -- same format: the files as they are ------------------------------------------------------------
-def _stream_file(
+def stream_file(
     loc: Located, name: str, info: dict[str, Any], dst_backend: Any, data_dir: str, bar: Any
 ) -> tuple[int, str]:
     """Stream one file of the source to ``data_dir``; returns (bytes, xxh3-64 of what was written).
@@ -231,7 +231,10 @@ def _stream_file(
     return n, digest.hexdigest()
 
 
-def _check_digest(loc: Located, name: str, info: dict[str, Any], digest: str) -> None:
+def check_digest(loc: Located, name: str, info: dict[str, Any], digest: str) -> None:
+    """Raise :class:`~ckptio.errors.CorruptCheckpointError` when ``digest`` (the xxh3-64 of file
+    ``name`` as :func:`stream_file` copied it) is not the one the manifest's ``info`` records;
+    a file with no recorded digest passes."""
     expected = info.get("xxh3")
     if expected is not None and digest != expected:
         where = loc.backend.url(loc.backend.join(loc.url.path, name))
@@ -267,9 +270,9 @@ def _copy_files(
     try:
         with progress_bar(m.total_bytes, "cp", enable=False if progress is False else None) as bar:
             for name, info in sorted(m.files.items()):
-                n, digest = _stream_file(loc, name, info, dst_backend, target.data_dir, bar)
+                n, digest = stream_file(loc, name, info, dst_backend, target.data_dir, bar)
                 if verify:
-                    _check_digest(loc, name, info, digest)
+                    check_digest(loc, name, info, digest)
                 copied += n
         target.check_files(m.files)
         if verify:
@@ -450,9 +453,9 @@ def _convert(
                         f"{loc.url}: its file {name!r} (written by an addon) has the name of a file the "
                         f"{fmt.name} format writes; it cannot be carried over"
                     )
-                n, digest = _stream_file(loc, name, info, dst_backend, target.data_dir, bar)
+                n, digest = stream_file(loc, name, info, dst_backend, target.data_dir, bar)
                 if verify:
-                    _check_digest(loc, name, info, digest)
+                    check_digest(loc, name, info, digest)
                 files[name] = dict(info)
                 carried += n
         manifest = Manifest(

@@ -45,13 +45,13 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 
 from .backend import Backend
 from .checkpoint import (
-    _changed,
     _replaced_error,
     build_format_options,
     check_call_options,
     check_metadata,
     commit_manifest,
     find_format,
+    manifest_changed,
     open_backend,
     read_manifest,
 )
@@ -488,4 +488,4 @@ class CkptioStorageReader(StorageReader):
         self.close()
 
     def _replaced(self) -> bool:
-        return self._manifest is not None and _changed(self._backend, self._url.path, self._manifest)
+        return self._manifest is not None and manifest_changed(self._backend, self._url.path, self._manifest)

@@ -64,8 +64,7 @@ from .retry import (
     classify,
     retry_call,
 )
-from .staging import HostStager
-from .staging import _huge_page_empty as huge_page_empty
+from .staging import HostStager, huge_page_empty
 from .state import ModelState
 from .url import URL, parse_url
 

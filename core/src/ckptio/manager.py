@@ -15,6 +15,7 @@ addons and retention run in the background, and a background failure is raised b
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import threading
@@ -125,6 +126,7 @@ class CheckpointManager:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight!r}: must be >= 1")
         self.root, self.backend = open_backend(root, storage_options)
+        self.storage_options = storage_options  # also for loads from outside the run on the same storage
         self.takeover = takeover
         self._run_lock: Heartbeat | None = None
         self.retention = retention or KeepAll()
@@ -587,18 +589,66 @@ class CheckpointManager:
     def load(
         self,
         state: dict[str, Any],
-        step: int | str | None = "latest",
+        step: int | str | os.PathLike[str] | None = "latest",
         *,
         strict: bool = True,
         verify: bool = True,
+        init_from: str | os.PathLike[str] | None = None,
+        **format_options: Any,
     ) -> LoadResult:
-        """Load ``step`` (default: the newest committed one) into ``state`` in place."""
+        """Load ``step`` (default: the newest committed one) into ``state`` in place.
+
+        :param step: ``"latest"`` (or ``None``), a step number of this run, or the path or URL of a
+            checkpoint **outside** the run: a Hugging Face directory (``save_pretrained``, a hub
+            snapshot, ``hf-cache://org/name``), another run's step, any ``ckptio.load`` source.
+            A path naming one of this run's own steps is that step.
+        :param init_from: what to start from when ``step`` is ``"latest"`` and the run has no
+            committed step yet (a base model, typically), so that "start the fine-tune from the
+            base model, or resume if there is a checkpoint" is one call, the same on the first
+            launch and on every restart. Once a step is committed it is ignored (logged at info).
+        :param format_options: the format's load options: for a foreign source those of
+            ``ckptio.load`` (``dtype_policy``, ``key_mapping``, ``prefix``...), for a step of the
+            run those its format declares (``dtype_policy="cast"``...). A name no installed format
+            declares raises :class:`~ckptio.OptionError` before anything is read.
+
+        A source outside the run is read with its own backend (a relative path is relative to the
+        current directory; the URL's scheme picks the backend), with the manager's
+        ``storage_options`` only when its scheme is the run root's (the same store, the same
+        credentials; another store gets its defaults and environment: ``hf-cache://`` finds the
+        cache through ``$HF_HUB_CACHE``...). It is loaded with the manager's process group and
+        addons (``addons=["peft"]`` reads a PEFT adapter directory), but it is no step of this
+        run: the result's ``step`` is ``None`` and its ``url`` is the source's, ``resumed_from``
+        is left as it was and retention is unaffected. A step of the run gives its step number,
+        so ``result.step is None`` tells a start from ``init_from`` from a resume.
+        """
+        source = foreign_source(step)
+        fmt_name = parse_url(source).format if source is not None else None
+        check_call_options(
+            format_options,
+            _LOAD_OWN,
+            "load",
+            fmt_name,
+            "CheckpointManager.load" + (f" ({fmt_name} format)" if fmt_name else ""),
+        )
         self.wait()
+        if source is not None:
+            return self._load_foreign(state, source, strict, verify, format_options)
         _dist.on_coordinator(self._recover_replaced, self.process_group)
         if step in ("latest", None):
             resolved = self.latest_step()
             if resolved is None:
-                raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+                if init_from is None:
+                    raise CheckpointNotFoundError(
+                        f"no committed checkpoint under {self.root} (to start from a base model when the run "
+                        "has none, pass init_from=)"
+                    )
+                if _dist.rank_and_size(self.process_group)[0] == 0:
+                    log.info(
+                        "no committed checkpoint under %s yet: loading init_from=%s", self.root, init_from
+                    )
+                return self._load_foreign(state, init_from, strict, verify, format_options)
+            if init_from is not None and _dist.rank_and_size(self.process_group)[0] == 0:
+                log.info("resuming step %d of %s; init_from=%s is not loaded", resolved, self.root, init_from)
         elif isinstance(step, int) and not isinstance(step, bool):
             resolved = step
             if not self._is_committed(step):
@@ -606,7 +656,9 @@ class CheckpointManager:
                     raise IncompleteCheckpointError(f"step {step} under {self.root} was never committed")
                 raise CheckpointNotFoundError(f"no step {step} under {self.root} (committed: {self.steps()})")
         else:
-            raise ValueError(f"step={step!r}: expected an int or 'latest'")
+            raise ValueError(
+                f"step={step!r}: expected an int, 'latest', or the path or URL of a checkpoint outside the run"
+            )
         result = load_checkpoint(
             state,
             self.url_of(resolved),
@@ -616,9 +668,44 @@ class CheckpointManager:
             process_group=self.process_group,
             addons=self.addons,
             step=resolved,
+            format_options=format_options,
         )
         self.resumed_from = resolved
         return result
+
+    def _own_step(self, source: str) -> int | None:
+        """The step of this run that ``source`` names (``<root>/step_N``), else ``None``."""
+        u = parse_url(source)
+        if u.scheme != self.root.scheme or u.format not in (None, self.root.format):
+            return None
+        path = os.path.realpath(u.path) if u.scheme == "file" else u.path
+        parent, _, name = path.rstrip("/").rpartition("/")
+        m = _STEP_RE.match(name)
+        return int(m.group(1)) if m and parent == self.root.path.rstrip("/") else None
+
+    def _load_foreign(
+        self,
+        state: dict[str, Any],
+        source: str | os.PathLike[str],
+        strict: bool,
+        verify: bool,
+        format_options: dict[str, Any],
+    ) -> LoadResult:
+        """Load a checkpoint from outside the run (see :meth:`load`) through its own backend."""
+        own = self._own_step(os.fspath(source))
+        if own is not None:  # the run's own step by its path: a resume, with retention's protection
+            return self.load(state, own, strict=strict, verify=verify, **format_options)
+        return load_foreign(
+            state,
+            source,
+            root=self.root,
+            storage_options=self.storage_options,
+            process_group=self.process_group,
+            addons=self.addons,
+            strict=strict,
+            verify=verify,
+            format_options=format_options,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
     def wait(self) -> None:
@@ -658,3 +745,69 @@ class CheckpointManager:
                 self.close()
             except Exception as bg:
                 log.warning("while closing after an error: %s", bg)
+
+
+_LOAD_OWN = declared_keywords(CheckpointManager.load)
+
+
+def foreign_source(step: Any) -> str | None:
+    """``step`` as the source of a load from outside the run, or ``None`` for ``"latest"``
+    and step numbers. A digit string and a bare word that is no existing path are refused
+    (``ValueError``): ``"3"`` from argv or ``"lastest"`` are mistakes, not directories."""
+    if step is None or isinstance(step, int) or not isinstance(step, (str, os.PathLike)):
+        return None
+    text = os.fspath(step)
+    if not isinstance(text, str) or text == "latest":
+        return None
+    if text.strip().isdigit():  # a step number that came in as text (argv, a config file)
+        raise ValueError(
+            f"step={step!r} is a string: pass the step number as an int (step={int(text)}), or "
+            f"'./{text}' for a directory of that name"
+        )
+    u = parse_url(text)
+    if (
+        u.scheme == "file"
+        and isinstance(step, str)
+        and "/" not in text
+        and os.sep not in text
+        and not os.path.lexists(u.path)
+    ):  # a bare word that is no path: a misspelt 'latest' more likely than a missing directory
+        raise ValueError(
+            f"step={step!r}: expected an int, 'latest', or the path or URL of a checkpoint outside "
+            f"the run (there is no {u.path})"
+        )
+    return text
+
+
+def load_foreign(
+    state: dict[str, Any],
+    source: str | os.PathLike[str],
+    *,
+    root: URL,
+    storage_options: dict[str, Any] | None,
+    process_group: Any,
+    addons: AddonSet,
+    strict: bool,
+    verify: bool,
+    format_options: dict[str, Any],
+) -> LoadResult:
+    """Load a checkpoint from outside the run whose root is ``root`` (a base model, another run's
+    step) through its own backend, with the run's ``storage_options`` only when the source is on
+    the same kind of store (the same credentials), else the store's defaults and environment. The
+    result's ``step`` is ``None``: the source is no step of the run."""
+    u = parse_url(os.fspath(source))
+    same_store = u.scheme == root.scheme
+    u, backend = open_backend(u, storage_options if same_store else None)
+    with backend:  # opened here, closed here (client pools, event loops)
+        result = load_checkpoint(
+            state,
+            u,
+            backend=backend,
+            strict=strict,
+            verify=verify,
+            process_group=process_group,
+            addons=addons,
+            format_options=format_options,
+        )
+    result.step = None  # not a step of this run (result.manifest still tells another run's step)
+    return result

@@ -28,7 +28,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import difflib
 import functools
 import inspect
 import io
@@ -41,6 +40,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 from .backend import Backend
 from .errors import CheckpointError, CorruptCheckpointError, OptionError, StorageAuthError, StorageError
+from .options import check_options
 from .retry import ErrorMapper, RetryPolicy, after_conditional_failure, retry_call
 
 T = TypeVar("T")
@@ -136,16 +136,19 @@ class TransferOptions:
         *,
         own: Iterable[str] = (),
         driver: Iterable[str] | Callable[[], Iterable[str]] = (),
+        where: str = "storage_options",
     ) -> TransferOptions:
         """Take ckptio's keys (:data:`OPTION_KEYS`) out of ``options``; the rest is the driver's.
 
         ``own`` names the backend's other declared keys (left in ``options``), ``driver`` the
         keywords the driver accepts (or a function listing them, called only when needed). A
         remaining key that is neither but close to a declared one raises
-        :class:`~ckptio.errors.OptionError` ("did you mean ...?"); others pass through.
+        :class:`~ckptio.errors.OptionError` ("did you mean ...?"); others pass through
+        (:func:`check_option_names`). ``where`` names the backend in that message
+        (``"the s3:// backend (storage_options)"``).
         """
         found = {k: options.pop(k) for k in OPTION_KEYS if k in options}
-        check_option_names(options, (*OPTION_KEYS, *own), driver)
+        check_option_names(options, (*OPTION_KEYS, *own), driver, where)
         retry = found.pop("retry", None)
         legacy = {
             _RETRY_KEYS[k][0]: _number(k, found.pop(k), _RETRY_KEYS[k][1])
@@ -186,19 +189,12 @@ def check_option_names(
     options: Mapping[str, Any],
     declared: Iterable[str],
     driver: Iterable[str] | Callable[[], Iterable[str]] = (),
+    where: str = "storage_options",
 ) -> None:
     """Raise :class:`~ckptio.errors.OptionError` for a key of ``options`` that is not declared,
-    not one of the ``driver``'s keywords, and close to a declared key (a typo of ckptio's)."""
-    names = list(declared)
-    accepted: set[str] | None = None
-    for key in options:
-        close = [] if key in names else difflib.get_close_matches(key.lower(), names, n=1, cutoff=0.8)
-        if not close:
-            continue
-        if accepted is None:
-            accepted = set(driver() if callable(driver) else driver)
-        if key not in accepted:
-            raise OptionError(f"unknown storage option {key!r}; did you mean {close[0]!r}?")
+    not one of the ``driver``'s keywords, and close to a declared key (a typo of ckptio's):
+    :func:`ckptio.options.check_options` in pass-through mode."""
+    check_options(options, declared, where, pass_through=True, accepted=driver)
 
 
 def accepted_keywords(cls: type) -> set[str]:

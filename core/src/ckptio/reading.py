@@ -305,10 +305,10 @@ class Source:
 
     def changed(self) -> bool:
         """Whether the checkpoint is no longer the one whose manifest this source opened."""
-        from .checkpoint import _changed
+        from .checkpoint import manifest_changed
 
         m = self.loc.manifest
-        return m is not None and _changed(self.loc.backend, self.loc.url.path, m)
+        return m is not None and manifest_changed(self.loc.backend, self.loc.url.path, m)
 
     def replaced_error(self) -> ConcurrentWriteError:
         return ConcurrentWriteError(f"{self.where} was replaced by another save while it was being read")

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from ._device import HUGE, Device, PinBudget, alloc_host, as_device, default_budget, host_bytes
 
 
-def _huge_page_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def huge_page_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor on transparent huge pages when large (see ``host_bytes``)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < 4 * HUGE:
@@ -98,7 +98,7 @@ class HostStager:
             raw, release = alloc_host(nbytes, self.device, self.budget, pin=True)
             buf = raw.view(src.dtype).view(src.shape)
         else:  # host-to-host copies gain nothing from pinning
-            buf = _huge_page_empty(src.shape, src.dtype)
+            buf = huge_page_empty(src.shape, src.dtype)
         self._slots[key] = _Slot(layout, buf, release)
         return buf
 

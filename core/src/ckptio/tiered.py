@@ -22,6 +22,10 @@ A run's checkpoints live on two tiers (docs/tiered.md)::
   node's local tier. Each rank reads each file from its own node's copy when that copy holds it
   with the manifest's size (and it passes the checksums), else from the durable tier; a damaged
   local file is read again from the durable tier, with a warning.
+* ``peer_replication=True`` (opt-in): each node's files of a step are also sent to the next
+  node, which commits them under ``<local>/peers/``; a node that lost its copy gets it back from
+  there before a load, over the process group, and reads nothing from the durable tier
+  (:mod:`ckptio.peer`, docs/tiered.md "Peer replication").
 
 Why a class of its own rather than ``CheckpointManager(root, local=...)``: the semantics differ
 (two roots, two retentions, a background copy, results saying where bytes came from), and a
@@ -31,6 +35,7 @@ constructor that returned another type would mislead type checkers and ``isinsta
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import queue
 import threading
@@ -43,6 +48,8 @@ from typing import Any, TypeVar
 import xxhash
 
 from . import _dist
+from . import peer as _peer
+from .addons import AddonSet
 from .backend import Backend, read_limited
 from .checkpoint import (
     LoadResult,
@@ -56,8 +63,10 @@ from .checkpoint import (
     read_manifest,
     run_dcp_save,
 )
-from .commit import Target, new_token, remove_leftovers
-from .copying import COPY_CHUNK, _check_digest, _stream_file
+from .commit import Target, new_token, parse_leftover, remove_leftovers
+from .copying import COPY_CHUNK
+from .copying import check_digest as _check_digest
+from .copying import stream_file as _stream_file
 from .errors import (
     AsyncSaveError,
     CheckpointError,
@@ -66,7 +75,7 @@ from .errors import (
     CorruptCheckpointError,
     OptionError,
 )
-from .manager import LATEST_NAME, CheckpointManager, step_name
+from .manager import _LOAD_OWN, LATEST_NAME, CheckpointManager, foreign_source, load_foreign, step_name
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from .options import declared_keywords
 from .plugins import get_format
@@ -249,6 +258,8 @@ class _TierReader(Backend):
         *,
         durable_has_step: bool,
         excluded: set[str],
+        peer_dir: str | None = None,
+        own_local: bool = True,
     ) -> None:
         super().__init__(durable.scheme)
         self.durable = durable
@@ -258,6 +269,10 @@ class _TierReader(Backend):
         self.sizes = sizes
         self.durable_has_step = durable_has_step
         self.excluded = excluded
+        #: with peer replication: the copy this node keeps of the previous node's files (read
+        #: after its own copy, before the durable tier); ``own_local``: its own copy is usable
+        self.peer_dir = peer_dir
+        self.own_local = own_local
         self.tier_bytes = {LOCAL: 0, DURABLE: 0}
         #: URL of each file this view serves from the local tier -> its name in the step
         self.local_urls: dict[str, str] = {}
@@ -277,10 +292,16 @@ class _TierReader(Backend):
         rel = self._rel(path)
         if self.local is not None and rel is not None and rel not in self.excluded:
             lpath = self.local.join(self.local_dir, *rel.split("/"))
-            try:
-                size: int | None = self.local.size(lpath)
-            except (CheckpointError, OSError):
-                size = None
+            size: int | None = None
+            for base in ([self.local_dir] if self.own_local else []) + (
+                [self.peer_dir] if self.peer_dir else []
+            ):
+                lpath = self.local.join(base, *rel.split("/"))
+                try:
+                    size = self.local.size(lpath)
+                    break
+                except (CheckpointError, OSError):
+                    size = None
             want = self.sizes.get(rel)
             if size is not None and (want is None or size == want):
                 route = (self.local, lpath, LOCAL)
@@ -451,6 +472,10 @@ class TieredCheckpointManager:
     :param drain_attempts: tries per step before a drain is given up (:class:`DrainError`).
     :param drain_backoff: seconds before the second try; doubled each time up to
         ``drain_max_backoff``.
+    :param peer_replication: also copy each node's files of every step to the next node's
+        local tier (node ``i`` -> node ``(i + 1) % n``, under ``<local>/peers/``) over the
+        process group (gloo send/recv), so that a lost node restores from its peer without
+        reading the durable tier (docs/tiered.md, "Peer replication"). Default ``False``.
     :param save_options: the format's save options (``thread_count``...).
 
     ``save()``, ``load()``, ``wait()`` and ``close()`` are collective: every rank calls them.
@@ -472,6 +497,7 @@ class TieredCheckpointManager:
         drain_attempts: int = 5,
         drain_backoff: float = 1.0,
         drain_max_backoff: float = 60.0,
+        peer_replication: bool = False,
         **save_options: Any,
     ) -> None:
         durable_u, local_u = parse_url(root_url), parse_url(local)
@@ -497,6 +523,9 @@ class TieredCheckpointManager:
         self.drain_attempts = drain_attempts
         self.drain_backoff = drain_backoff
         self.drain_max_backoff = drain_max_backoff
+        if not isinstance(peer_replication, bool):
+            raise ValueError(f"peer_replication={peer_replication!r}: must be True or False")
+        self.peer_replication = peer_replication
         solo = _solo_group()
         self._durable = CheckpointManager(
             str(durable_u.with_format(fmt_name if fmt_name != "native" else None)),
@@ -536,6 +565,15 @@ class TieredCheckpointManager:
             self._drain_group = dist.new_group(ranks=ranks, backend="gloo")
             if async_save:
                 self._bg_group = dist.new_group(ranks=ranks, backend="gloo")
+        self._peer_group: Any = None
+        if peer_replication and _dist.active(process_group):
+            import torch.distributed as dist
+
+            # peer files travel as CPU tensors: gloo, whatever backend training uses
+            self._peer_group = dist.new_group(
+                ranks=None if process_group is None else dist.get_process_group_ranks(process_group),
+                backend="gloo",
+            )
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="ckptio-tiered-save") if async_save else None
         )
@@ -823,10 +861,15 @@ class TieredCheckpointManager:
                     self._undrained.discard(step)
         t_commit = time.perf_counter()
         self._drain_q.put(step)
+        if self._peer_group is not None:
+            self._replicate(step, held, manifest_bytes, pg)
+        t_peer = time.perf_counter()
         if dom.is_leader:
             self._retain(self._local, "local")
         total = sum(size for files in held.values() for size, _ in files.values())
         timings = {"prepare": t_prep - t0, "write": t_write - t_prep, "commit": t_commit - t_write}
+        if self._peer_group is not None:
+            timings["peer replication"] = t_peer - t_commit
         if staging is not None:
             timings = {"staging (blocking)": staging, **timings}
         result = SaveResult(url=str(url), step=step, bytes=total, seconds=t_commit - t0, timings=timings)
@@ -872,8 +915,258 @@ class TieredCheckpointManager:
     def _retain(self, mgr: CheckpointManager, tier: str) -> None:
         try:
             mgr._apply_retention()
+            if mgr is self._local and self.peer_replication:
+                self._prune_peers()
         except Exception as exc:  # retention never stops training
             log.warning("retention on the %s tier %s failed: %s", tier, mgr.root, exc)
+
+    # -- peer replication ------------------------------------------------------------------------
+    def _peer_path(self, node: int, step: int | None = None) -> str:
+        """``<local>/peers/node_N[/step_S]``: the copies this node keeps of ``node``'s files."""
+        lb = self._local.backend
+        parts = [_peer.PEERS_DIR, _peer.node_dir_name(node)] + ([] if step is None else [step_name(step)])
+        return lb.join(self.local_root.path, *parts)
+
+    def _peer_steps(self) -> dict[int, list[int]]:
+        """``{node: [steps]}``: the committed copies of other nodes' files this node keeps."""
+        lb = self._local.backend
+        base = lb.join(self.local_root.path, _peer.PEERS_DIR)
+        out: dict[int, list[int]] = {}
+        if not lb.exists(base):
+            return out
+        for entry in lb.listdir(base):
+            node = _peer.parse_node_dir(entry)
+            if node is None:
+                continue
+            steps = []
+            for name in lb.listdir(lb.join(base, entry)):
+                if name.startswith("step_") and name[5:].isdigit() and step_name(int(name[5:])) == name:
+                    if lb.exists(lb.join(base, entry, name, MANIFEST_NAME)):
+                        steps.append(int(name[5:]))
+            out[node] = sorted(steps)
+        return out
+
+    def _prune_peers(self) -> None:
+        """A node's leader, after local retention: drop the peer copies of the steps this node no
+        longer keeps itself (nor protects)."""
+        keep = set(self._local.steps()) | self._local_protected()
+        lb = self._local.backend
+        for node, steps in self._peer_steps().items():
+            for s in steps:
+                if s not in keep:
+                    lb.remove(self._peer_path(node, s), recursive=True)
+            # what dead replications left (a live one's lease keeps its staging)
+            for entry in lb.listdir(self._peer_path(node)):
+                parsed = parse_leftover(entry)
+                if parsed and parsed[0].startswith("step_") and parsed[0][5:].isdigit():
+                    if int(parsed[0][5:]) not in keep:
+                        remove_leftovers(lb, self._peer_path(node, int(parsed[0][5:])))
+
+    def _replicate(
+        self, step: int, held: dict[int, dict[str, tuple[int, str]]], manifest_bytes: bytes, pg: Any
+    ) -> None:
+        """After the local commit of ``step`` (collective): every node sends its files to the next
+        node, which commits them under ``<local>/peers/node_<sender>/`` (staging, checksums on
+        receipt, manifest last). A failure is a warning: the step stays committed locally."""
+        dom = self._start()
+        n = len(dom.groups)
+        if n < 2:
+            return
+        lb = self._local.backend
+        src_dir = self._local_path(step)
+        transfers: list[_peer.Transfer] = []
+        for d in range(n):
+            files = [(name, size, dg) for name, (size, dg) in held.get(d, {}).items()]
+            transfers += _peer.plan(files, dom.groups[d], dom.groups[_peer.peer_of(d, n)], src_dir, d)
+        source = (dom.index - 1) % n  # whose files this node keeps
+        final = self._peer_path(source, step)
+        target: Target | None = None
+
+        def prepare() -> str:
+            nonlocal target
+            remove_leftovers(lb, final)
+            target = Target.prepare(lb, final, overwrite=True, what=f"the peer copy {lb.url(final)}")
+            return target.data_dir
+
+        try:
+            data_dir: str = self._on_leaders(prepare, pg, share=True)  # type: ignore[assignment]
+            mine = _peer.exchange(lb, transfers, dom.rank, {source: data_dir}, self._peer_group)
+            errors = _dist.all_gather({k: _portable(e) for k, e in mine.items()}, pg)
+            failed = [e for part in errors for e in part.values()]
+
+            def commit() -> None:
+                nonlocal target
+                staged, target = target, None  # from here on, aborted (or committed) here
+                assert staged is not None
+                if failed:
+                    staged.abort()
+                    return
+                listed = {t.name: {"size": t.size} for t in transfers if t.key == source}
+                try:
+                    staged.check_files(listed)
+                except BaseException:
+                    staged.abort()
+                    raise
+                staged.commit(manifest_bytes)  # aborts itself on failure
+
+            self._on_leaders(commit, pg)
+            if failed:
+                raise failed[0]
+        except Exception as exc:
+            if target is not None and not target.committed:
+                target.abort()
+            if dom.rank == 0:
+                log.warning(
+                    "step %d: peer replication failed (the step is committed locally, and drains to "
+                    "the durable tier as usual): %s",
+                    step,
+                    exc,
+                )
+
+    def _peer_views(self, pg: Any) -> dict[int, set[int]]:
+        """``{node: steps its peer keeps a copy of}`` (only copies kept by the node's current peer)."""
+        dom = self._start()
+        n = len(dom.groups)
+        if self._peer_group is None or n < 2:
+            return {}
+        mine: dict[int, list[int]] | None = None
+        if dom.is_leader:
+            try:
+                mine = self._peer_steps()
+            except CheckpointError as exc:
+                log.warning("cannot list the peer copies under %s: %s", self.local_root, exc)
+                mine = {}
+        out: dict[int, set[int]] = {}
+        for holder, kept in _dist.all_gather((dom.index, mine), pg):
+            for node, steps in (kept or {}).items():
+                if node < n and _peer.peer_of(node, n) == holder:
+                    out.setdefault(node, set()).update(steps)
+        return out
+
+    def _restore_from_peers(self, step: int, pg: Any) -> None:
+        """Before loading ``step`` (collective), with peer replication: a node that has no committed
+        local copy of it gets its files back from its peer's copy, and a node that lost the copy it
+        keeps for the previous node gets it again from that node (both sent over the process group,
+        checked on receipt, committed by the commit protocol). A failure is a warning: the ranks
+        concerned then read those files from the durable tier."""
+        dom = self._start()
+        n = len(dom.groups)
+        if self._peer_group is None or n < 2:
+            return
+        lb = self._local.backend
+        source = (dom.index - 1) % n
+
+        def look() -> tuple[Any, ...]:
+            own: bytes | None = None
+            own_names: list[str] = []
+            try:
+                own = _read_manifest_bytes(lb, self._local_path(step))
+                if own is not None:
+                    own_names = sorted(x for x in lb.walk_files(self._local_path(step)) if x != MANIFEST_NAME)
+                own_d = None if own is None else _digest(own)
+            except CheckpointError:
+                own, own_d = None, "damaged"
+            kept: bytes | None = None
+            names: list[str] = []
+            try:
+                kept = _read_manifest_bytes(lb, self._peer_path(source, step))
+                if kept is not None:
+                    names = sorted(
+                        x for x in lb.walk_files(self._peer_path(source, step)) if x != MANIFEST_NAME
+                    )
+            except CheckpointError:
+                kept = None
+            return (own_d, own_names, kept, names, own)
+
+        parts = _dist.all_gather((dom.index, look() if dom.is_leader else None), pg)
+        info = {d: v for d, v in parts if v is not None}
+        digests = {v[0] for v in info.values() if v[0] not in (None, "damaged")} | {
+            _digest(v[2]) for v in info.values() if v[2] is not None
+        }
+        if len(digests) != 1:
+            if len(digests) > 1 and dom.rank == 0:
+                log.warning(
+                    "step %d: the nodes' copies (local and peer) differ: not restoring it from peers", step
+                )
+            return
+        ref = next(iter(digests))
+        manifest: bytes = next(b for v in info.values() for b in (v[2], v[4]) if b is not None)
+        # key 2*d: node d's local copy, from its peer's; key 2*h+1: the copy node h keeps, from its source
+        lost = [
+            d
+            for d in range(n)
+            if info[d][0] in (None, "damaged") and info[_peer.peer_of(d, n)][2] is not None
+        ]
+        unkept = [h for h in range(n) if info[h][2] is None and info[(h - 1) % n][0] == ref]
+        if not lost and not unkept:
+            return
+        transfers: list[_peer.Transfer] = []
+        manifests: dict[int, bytes] = {}
+        for d in lost:
+            holder = _peer.peer_of(d, n)
+            names = info[holder][3]
+            manifests[2 * d] = manifest
+            m = Manifest.from_bytes(manifest, f"step {step}")
+            files = [(x, int(m.files[x]["size"]), str(m.files[x].get("xxh3"))) for x in names if x in m.files]
+            transfers += _peer.plan(files, dom.groups[holder], dom.groups[d], self._peer_path(d, step), 2 * d)
+        for h in unkept:
+            d = (h - 1) % n
+            names = info[d][1]
+            manifests[2 * h + 1] = manifest
+            m = Manifest.from_bytes(manifest, f"step {step}")
+            files = [(x, int(m.files[x]["size"]), str(m.files[x].get("xxh3"))) for x in names if x in m.files]
+            transfers += _peer.plan(files, dom.groups[d], dom.groups[h], self._local_path(step), 2 * h + 1)
+        targets: dict[int, Target] = {}
+
+        def prepare() -> dict[int, str]:
+            wanted = {2 * dom.index: self._local_path(step)} if dom.index in lost else {}
+            if dom.index in unkept:
+                wanted[2 * dom.index + 1] = self._peer_path(source, step)
+            for key, final in wanted.items():
+                remove_leftovers(lb, final)
+                targets[key] = Target.prepare(lb, final, overwrite=True, what=lb.url(final))
+            return {key: t.data_dir for key, t in targets.items()}
+
+        try:
+            dirs: dict[int, str] = self._on_leaders(prepare, pg, share=True) or {}
+            mine = _peer.exchange(lb, transfers, dom.rank, dirs, self._peer_group)
+            bad: dict[int, BaseException] = {}
+            for part in _dist.all_gather({k: _portable(e) for k, e in mine.items()}, pg):
+                for key, e in part.items():
+                    bad.setdefault(key, e)
+
+            def commit() -> None:
+                for key in list(targets):
+                    target = targets.pop(key)  # from here on, aborted (or committed) here
+                    if key in bad:
+                        target.abort()
+                        continue
+                    try:
+                        target.check_files({t.name: {"size": t.size} for t in transfers if t.key == key})
+                    except BaseException:
+                        target.abort()
+                        raise
+                    target.commit(manifests[key])  # aborts itself on failure
+
+            self._on_leaders(commit, pg)
+        except Exception as exc:
+            for target in targets.values():
+                if not target.committed:
+                    target.abort()
+            if dom.rank == 0:
+                log.warning("step %d: restoring from the peer copies failed: %s", step, exc)
+            return
+        if dom.index in lost:  # said by the ranks concerned
+            if 2 * dom.index in bad:
+                log.warning(
+                    "rank %d: the peer copy of step %d is damaged (%s): reading this node's files from "
+                    "the durable tier",
+                    dom.rank,
+                    step,
+                    bad[2 * dom.index],
+                )
+            elif dom.is_leader:
+                log.info("step %d: this node's files were restored from its peer's copy", step)
 
     # -- drains ------------------------------------------------------------------------------
     def _drain_loop(self) -> None:
@@ -1108,7 +1401,9 @@ class TieredCheckpointManager:
         *,
         strict: bool = True,
         verify: bool = True,
-    ) -> TieredLoadResult:
+        init_from: str | os.PathLike[str] | None = None,
+        **format_options: Any,
+    ) -> LoadResult:
         """Load ``step`` (default: the newest restorable one) into ``state`` in place.
 
         Every rank loads the same step: the newest committed on the durable tier or on every
@@ -1116,20 +1411,41 @@ class TieredCheckpointManager:
         manifest's sizes and checksums) and the rest from the durable tier. With ``"latest"``, a
         step that turns out not to be restorable (a local-only step whose copy is damaged) is
         skipped, with a warning, for the next newest.
+
+        As with :meth:`CheckpointManager.load`, ``step`` may also be the path or URL of a
+        checkpoint outside the run (a Hugging Face directory, ``hf-cache://org/name``), and
+        ``init_from`` is loaded when the run has no restorable step yet; such a load reads the
+        source directly (no tier), returns a plain :class:`~ckptio.LoadResult` with ``step=None``
+        and takes ``format_options`` (``dtype_policy``...). The run's own steps take none.
         """
         if self._closed:
             raise CheckpointError("this TieredCheckpointManager is closed")
+        source = foreign_source(step)
+        where = "TieredCheckpointManager.load"
+        check_call_options(
+            format_options, _LOAD_OWN, "load", parse_url(source).format if source else None, where
+        )
         self.wait()
+        if source is not None:
+            return self._load_foreign(state, source, strict, verify, format_options)
         pg = self.process_group
         self._start()
         views = self._local_views(pg)
         durable: list[int] = _dist.on_coordinator(self._durable_steps, pg, share_result=True) or []
+        if self._peer_group is not None:  # a node's steps include those its peer keeps for it
+            kept = self._peer_views(pg)
+            views = {d: s | kept.get(d, set()) for d, s in views.items()}
         everywhere = set.intersection(*views.values()) if views else set()
         candidates = sorted(set(durable) | everywhere, reverse=True)
         if step in ("latest", None):
+            if not candidates and init_from is not None:
+                if _dist.rank_and_size(pg)[0] == 0:
+                    log.info("no restorable checkpoint of %s yet: loading init_from=%s", self.root, init_from)
+                return self._load_foreign(state, init_from, strict, verify, format_options)
             if not candidates:
                 raise CheckpointNotFoundError(
                     f"no committed checkpoint on the local tier {self.local_root} or the durable tier {self.root}"
+                    " (to start from a base model when the run has none, pass init_from=)"
                 )
             order = candidates
         elif isinstance(step, int) and not isinstance(step, bool):
@@ -1147,10 +1463,16 @@ class TieredCheckpointManager:
             order = [step]
         else:
             raise ValueError(f"step={step!r}: expected an int or 'latest'")
+        if format_options:
+            raise OptionError(
+                f"{where}: {', '.join(sorted(format_options))} apply only to a source outside the run "
+                "(step=<path or URL>, or init_from= while the run has no step); its own steps load as saved"
+            )
         for i, s in enumerate(order):
             with self._lock:
                 self._loading = s
             try:
+                self._restore_from_peers(s, pg)
                 result = self._load_step(state, s, s in durable, strict, verify)
             except _Unavailable as exc:
                 if i + 1 == len(order) or step not in ("latest", None):
@@ -1166,6 +1488,26 @@ class TieredCheckpointManager:
             self.resumed_from = self._local.resumed_from = self._durable.resumed_from = s
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _load_foreign(
+        self,
+        state: dict[str, Any],
+        source: str | os.PathLike[str],
+        strict: bool,
+        verify: bool,
+        format_options: dict[str, Any],
+    ) -> LoadResult:
+        return load_foreign(
+            state,
+            source,
+            root=self.root,
+            storage_options=self._durable.storage_options,
+            process_group=self.process_group,
+            addons=AddonSet(),  # the tiered manager runs no addons
+            strict=strict,
+            verify=verify,
+            format_options=format_options,
+        )
 
     def _durable_steps(self) -> list[int]:
         self._durable._recover_replaced()
@@ -1217,17 +1559,33 @@ class TieredCheckpointManager:
                 n: int(i["size"])
                 for n, i in Manifest.from_bytes(mine, str(self.url_of(step, LOCAL))).files.items()
             }
+        peer_dir: str | None = None
+        groups = self._start().groups
+        if self._peer_group is not None and len(groups) > 1:  # the copy of the previous node's files
+            pdir = self._peer_path((self._start().index - 1) % len(groups), step)
+            try:
+                kept = _read_manifest_bytes(lb, pdir)
+            except CheckpointError:
+                kept = None
+            if kept is not None and _digest(kept) == ref:
+                peer_dir = pdir
+                if not sizes:
+                    sizes = {
+                        n: int(i["size"]) for n, i in Manifest.from_bytes(kept, lb.url(pdir)).files.items()
+                    }
         excluded: set[str] = set()
         fallbacks: list[str] = []
         for attempt in range(3):
             reader = _TierReader(
                 db,
                 dpath,
-                lb if local_ok else None,
+                lb if local_ok or peer_dir else None,
                 lpath,
                 sizes,
                 durable_has_step=on_durable,
                 excluded=excluded,
+                peer_dir=peer_dir,
+                own_local=local_ok,
             )
             try:
                 res = load_checkpoint(

@@ -73,7 +73,11 @@ class FsspecBackend(ObjectStoreBackend):
 
     def __init__(self, url: URL, **storage_options: Any) -> None:
         opts = dict(storage_options)
-        transfer = TransferOptions.pop_from(opts, driver=lambda: _driver_keywords(url.scheme))
+        transfer = TransferOptions.pop_from(
+            opts,
+            driver=lambda: _driver_keywords(url.scheme),
+            where=f"the {url.scheme}:// backend (storage_options)",
+        )
         if url.scheme in S3_SCHEMES:
             transfer.check_s3_limits()
         super().__init__(

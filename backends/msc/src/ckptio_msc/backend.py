@@ -168,7 +168,10 @@ def open_msc_backend(url: URL, **storage_options: Any) -> Backend:
     opts = dict(storage_options)
     profile = url.path.partition("/")[0]
     transfer = objectstore.TransferOptions.pop_from(
-        opts, own=("msc_config",), driver=lambda: _provider_keywords(opts.get("msc_config"), profile)
+        opts,
+        own=("msc_config",),
+        driver=lambda: _provider_keywords(opts.get("msc_config"), profile),
+        where=f"the {url.scheme}:// backend (storage_options)",
     )
     errors = ErrorMapper(objectstore.secrets_in(opts))
     profiles = _Profiles(opts.pop("msc_config", None), opts, errors)

@@ -390,6 +390,7 @@ def consolidate(
     overwrite: bool = False,
     in_place: bool = False,
     config: str | dict[str, Any] | None = None,
+    conversion: Any = None,
 ) -> dict[str, Any]:
     """Write the full tensors of the checkpoint at ``src_url`` as an HF directory at ``dst_url``.
 
@@ -419,6 +420,11 @@ def consolidate(
         given). Without ``cast_dtype`` the weights are written in the dtype of the base model
         (``dtype_reference``'s ``config.json``) or else of the config (``dtype``/``torch_dtype``),
         and the config names the dtype written.
+    :param conversion: what gives the transformers conversion to reverse (fused MoE experts -> one
+        tensor per expert), when ``config`` does not: a transformers model, a ``PretrainedConfig``,
+        a config dict or the bytes of a ``config.json``. For a caller that writes the config files
+        itself (the consolidated-hf addon, ``in_place``); by default the conversion is the
+        written ``config.json``'s, and without one the names are kept as stored.
     :returns: the index dict (``{"metadata": {"total_size"}, "weight_map"}``).
     """
     pg = process_group
@@ -436,7 +442,9 @@ def consolidate(
                 CONFIG_NAME,
             )
     # the config's transformers conversion, reversed (fused MoE experts -> one tensor each on disk)
-    src = hf_source_view(src, meta_files.get(CONFIG_NAME), verify=verify)
+    src = hf_source_view(
+        src, conversion if conversion is not None else meta_files.get(CONFIG_NAME), verify=verify
+    )
     dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
     ref_map = None
     if reference_index is not None:

@@ -17,6 +17,14 @@ Where the weights come from (``source``):
   whatever the model size.
 * ``"auto"`` (default): ``memory`` unless the state holds DTensors (FSDP2/TP), then ``checkpoint``.
 
+Either way the names on disk are the ones ``save_pretrained`` writes: transformers 5 holds some
+weights in memory in another layout (a Mixtral or Qwen3-MoE layer's experts fused into
+``mlp.experts.gate_up_proj`` and ``down_proj``), and the export reverses the model's conversion
+(``ckptio_safetensors.hf_tensors``/``hf_source_view``), one tensor per expert, each a byte range
+of the fused one. The conversion comes from the model (``memory``) or from the ``config.json``
+written (``checkpoint``, and ``memory`` without a transformers model), so older readers and
+``from_pretrained`` read the export as they read a ``save_pretrained`` directory.
+
 Atomicity, through ckptio's commit protocol (:mod:`ckptio.commit`): on ``rename`` backends the
 whole directory (metadata files, shards, then the index last) is assembled in a unique staging
 directory ``<step>/.consolidated.<token>.ckptio-partial`` and renamed into place in one step, so
@@ -132,6 +140,29 @@ def _main_part(model: Any) -> Any:
     return model
 
 
+def _conversion_source(model: Any, config_json: bytes | None) -> Any:
+    """What gives a memory export its transformers conversion (fused MoE experts in memory, one
+    tensor per expert on disk, as ``from_pretrained`` reads them): the model itself when it is a
+    transformers model (no copy, and the conversion is the one its weights were loaded with), else
+    a model built on the meta device from the ``config.json`` written beside the weights. ``None``
+    (names as they are in memory) when neither gives one, with a warning when the config fails."""
+    from ckptio_safetensors.conversion import is_transformers_model, model_for
+
+    if is_transformers_model(model):
+        return model
+    if config_json is None:
+        return None
+    try:
+        return model_for(config_json)
+    except Exception as exc:  # no transformers, or a config it cannot build (remote code...)
+        log.warning(
+            "consolidated-hf: not applying a transformers conversion to the export (%s: %s)",
+            type(exc).__name__,
+            exc,
+        )
+        return None
+
+
 class ConsolidatedHFAddon:
     """Exports the model as a Hugging Face directory after the commit (see the module docstring)."""
 
@@ -213,7 +244,9 @@ class ConsolidatedHFAddon:
         source = self.source if self.source != "auto" else ("checkpoint" if sharded else "memory")
         target: Target | None = None
 
-        def prepare() -> tuple[str, dict[str, torch.dtype] | None, dict[str, Any] | None, torch.dtype | None]:
+        def prepare() -> tuple[
+            str, dict[str, torch.dtype] | None, dict[str, Any] | None, torch.dtype | None, bytes | None
+        ]:
             nonlocal target
             # the step is this save's own: an earlier export inside it is replaced, whole
             target = Target.prepare(
@@ -225,10 +258,12 @@ class ConsolidatedHFAddon:
             files, cast = self._metadata_files(ctx, job["model"], tensors)
             for name, data in files.items():
                 backend.write_bytes(backend.join(work, name), data)
+            # the config written is what gives the export its transformers conversion (below)
+            config_json = files.get("config.json")
             if self.base_model_path is None:
-                return work, None, None, cast
+                return work, None, None, cast, config_json
             dtypes, index = reference_layout(self.base_model_path, self.storage_options)
-            return work, dtypes, (index if self.mirror_shards else None), cast
+            return work, dtypes, (index if self.mirror_shards else None), cast, config_json
 
         def abort() -> None:
             if target is not None:
@@ -240,12 +275,13 @@ class ConsolidatedHFAddon:
             abort()
             raise
         assert shared is not None
-        work, dtypes, ref_index, cast = shared
+        work, dtypes, ref_index, cast, config_json = shared
         try:
             if source == "checkpoint":
-                self._from_checkpoint(ctx, job["key"], work, ref_index, cast)
+                self._from_checkpoint(ctx, job["key"], work, ref_index, cast, config_json)
             else:
-                self._from_memory(ctx, tensors, work, dtypes, ref_index, cast)
+                conversion = _conversion_source(job["model"], config_json) if ctx.is_coordinator else None
+                self._from_memory(ctx, tensors, work, dtypes, ref_index, cast, conversion)
         except BaseException:
             abort()  # only the coordinator holds the target; the failure reached every rank
             raise
@@ -317,7 +353,11 @@ class ConsolidatedHFAddon:
         dtypes: dict[str, torch.dtype] | None,
         ref_index: dict[str, Any] | None,
         cast: torch.dtype | None,
+        conversion: Any = None,
     ) -> None:
+        """Rank 0 writes the gathered tensors; ``conversion`` (a transformers model, or ``None``:
+        names as they are) has its checkpoint conversion reversed on the way, as
+        ``save_pretrained`` does, so that fused MoE experts are written one tensor per expert."""
         from ckptio_safetensors import write_hf_checkpoint
 
         full: dict[str, torch.Tensor] = {}
@@ -335,6 +375,7 @@ class ConsolidatedHFAddon:
                 dtypes=dtypes,
                 cast_dtype=cast,
                 reference_index=ref_index,
+                model=conversion,
             )
 
         ext.on_coordinator(write, ctx.process_group)
@@ -346,7 +387,12 @@ class ConsolidatedHFAddon:
         work: str,
         ref_index: dict[str, Any] | None,
         cast: torch.dtype | None,
+        config_json: bytes | None = None,
     ) -> None:
+        """Every rank writes its share of the files from the committed checkpoint. The
+        conversion to reverse comes from the ``config.json`` this export writes (the addon's
+        ``config=``, the model's config or the checkpoint's artifact), not from the live model:
+        an asynchronous save runs this while training goes on."""
         from ckptio_safetensors.consolidation import consolidate
 
         consolidate(
@@ -361,4 +407,5 @@ class ConsolidatedHFAddon:
             progress=False,
             group=key,
             storage_options=self.storage_options,
+            conversion=config_json,
         )
