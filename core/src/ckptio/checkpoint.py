@@ -470,7 +470,9 @@ def _replaced(backend: Backend, path: str, manifest: Manifest, pg: Any) -> bool:
     )
 
 
-def _replaced_error(u: URL) -> ConcurrentWriteError:
+def replaced_error(u: URL) -> ConcurrentWriteError:
+    """The error of a load whose checkpoint another save replaced meanwhile: what was read may
+    mix two saves, so it is never returned, and loading again gives one whole save."""
     return ConcurrentWriteError(f"{u} was replaced by another save while it was being loaded; load it again")
 
 
@@ -559,7 +561,7 @@ def load_checkpoint(
             bind(state, expanded)
     except CheckpointError as exc:  # per rank, so no collective here
         if manifest is not None and manifest_changed(backend, path, manifest):
-            raise _replaced_error(u) from exc
+            raise replaced_error(u) from exc
         raise
     per_rank = [k for k, v in state.items() if isinstance(v, (PerRank, RNGState))]
     planner = SafeLoadPlanner(strict=strict, per_rank_keys=per_rank, rank=rank)
@@ -582,11 +584,11 @@ def load_checkpoint(
         ):  # pragma: no cover
             err = CorruptCheckpointError(str(exc))
         if manifest is not None and _replaced(backend, path, manifest, pg):
-            raise _replaced_error(u) from exc
+            raise replaced_error(u) from exc
         raise err from exc
     if manifest is not None and _replaced(backend, path, manifest, pg):
         # with verify=False a mix of two saves would otherwise go unnoticed
-        raise _replaced_error(u)
+        raise replaced_error(u)
     addons.hook.restore_state_dict(ctx=ctx, state_dict=expanded)
     restore_state(state, expanded, rank)
     addons.hook.on_load_end(ctx=ctx)

@@ -45,7 +45,6 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 
 from .backend import Backend
 from .checkpoint import (
-    _replaced_error,
     build_format_options,
     check_call_options,
     check_metadata,
@@ -54,6 +53,7 @@ from .checkpoint import (
     manifest_changed,
     open_backend,
     read_manifest,
+    replaced_error,
 )
 from .commit import Target, recover
 from .errors import CheckpointError, StateMismatchError
@@ -452,7 +452,7 @@ class CkptioStorageReader(StorageReader):
         """Coordinator: every rank must have read the same manifest (no save in between)."""
         digests = {p.storage_data[0] if isinstance(p.storage_data, tuple) else None for p in plans}
         if len(digests) > 1:
-            raise _replaced_error(self._url)
+            raise replaced_error(self._url)
         plans = [
             dataclasses.replace(
                 p, storage_data=p.storage_data[1] if isinstance(p.storage_data, tuple) else None
@@ -467,11 +467,11 @@ class CkptioStorageReader(StorageReader):
             fut.wait()
         except CheckpointError as exc:
             if self._replaced():
-                raise _replaced_error(self._url) from exc
+                raise replaced_error(self._url) from exc
             raise
         if self._is_coordinator and self._replaced():
             # with verify=False a mix of two saves would otherwise go unnoticed
-            raise _replaced_error(self._url)
+            raise replaced_error(self._url)
         return fut
 
     @classmethod
