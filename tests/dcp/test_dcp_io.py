@@ -19,8 +19,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -36,6 +34,7 @@ from torch import nn
 
 from tests.dcp.dcp_crash_child import check_state, fresh_state, make_state, step_url
 from tests.e2e._ranks import run_ranks
+from tests.reliability.zygote import Zygote
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("dcp_crash_child.py")
@@ -323,54 +322,12 @@ def test_doc_example_on_two_ranks(job: dict[str, Any]) -> None:
 
 
 # -- SIGKILL ---------------------------------------------------------------------------------------
-class Zygote:
-    """dcp_crash_child.py, driven over pipes."""
-
-    def __init__(self, log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CHILD)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-        )
-        assert self.line() == "ready"
-
-    def line(self) -> str:
-        assert self.proc.stdout is not None
-        text = self.proc.stdout.readline().strip()
-        if not text:
-            raise RuntimeError(f"the dcp crash zygote died; see {self.log.name}")
-        return text
-
-    def send(self, text: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        return self.line()
-
-    def close(self) -> None:
-        try:
-            self.send("quit")
-        except (OSError, RuntimeError):
-            pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture
 def zygote(tmp_path: Path) -> Iterator[Any]:
     made: list[Zygote] = []
 
     def make(env: dict[str, str] | None = None) -> Zygote:
-        made.append(Zygote(tmp_path / f"zygote{len(made)}.log", env))
+        made.append(Zygote(CHILD, tmp_path / f"zygote{len(made)}.log", env))
         return made[-1]
 
     yield make

@@ -28,55 +28,10 @@ import pytest
 import torch
 
 from .crash_child import check_state, fresh_state
+from .zygote import Zygote
 
 CHILD = Path(__file__).with_name("crash_child.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Zygote:
-    """The pre-imported worker factory of ``crash_child.py``, driven over pipes."""
-
-    def __init__(self, log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CHILD)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-        )
-        assert self._line() == "ready"
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if not line:
-            raise RuntimeError(f"crash worker died; see {self.log.name}")
-        return line
-
-    def _send(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    def run(self, cfg: dict[str, Any]) -> int:
-        self._send("run " + json.dumps(cfg))
-        return int(self._line().split()[1])
-
-    def reap(self) -> int:
-        self._send("reap")
-        return int(self._line().split()[1])
-
-    def close(self) -> None:
-        try:
-            self._send("quit")
-            self.proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture
@@ -84,7 +39,7 @@ def zygote_factory(tmp_path: Path) -> Iterator[Any]:
     made: list[Zygote] = []
 
     def make(env: dict[str, str] | None = None) -> Zygote:
-        z = Zygote(tmp_path / f"zygote{len(made)}.log", env)
+        z = Zygote(CHILD, tmp_path / f"zygote{len(made)}.log", env)
         made.append(z)
         return z
 
