@@ -140,5 +140,7 @@ def test_fsdp2_two_ranks_export_per_expert(tmp_path: Path, source: str) -> None:
     results = run_ranks(_fsdp_export, 2, args=(kind, str(tmp_path / "run"), source), timeout=240)
     out = tmp_path / "run" / "step_00000001" / "consolidated"
     _check_per_expert(kind, _stored_names(out))
+    # one export, written once: the ranks split the files (no second copy left in a staging dir)
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
     ref = reference(out, torch.float32)
     assert torch.equal(logits(ref, VOCAB[kind]), results[0]["expected"])

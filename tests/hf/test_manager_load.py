@@ -76,7 +76,8 @@ def test_init_from_starts_an_empty_run_then_resumes_its_step(
     again = build("llama", seed=6)
     with caplog.at_level(logging.INFO, logger="ckptio.manager"):
         with ckptio.CheckpointManager(run) as mgr:
-            result = mgr.load(_model_state(again), init_from=str(hf_dir))
+            # the very call of the first launch: its options were init_from's, not the step's
+            result = mgr.load(_model_state(again), init_from=str(hf_dir), dtype_policy="cast")
             assert result.step == 1 and result.url == str(tmp_path / "run" / "step_00000001")
             assert mgr.resumed_from == 1
     assert "init_from" in caplog.text and "not loaded" in caplog.text
@@ -136,6 +137,22 @@ def test_storage_options_go_to_sources_on_the_runs_scheme_only(
         mgr.load(_model_state(build("llama")), str(hf_dir))
         mgr.load(_model_state(build("llama")), "hf-cache://tiny-org/tiny-llama")
     assert seen == [("file", opts), ("hf-cache", None)]
+    with ckptio.CheckpointManager(str(tmp_path / "run"), storage_options=opts) as mgr:
+        seen.clear()
+        mgr.load(_model_state(build("llama")), str(hf_dir), source_storage_options={"fsync": True})
+    assert seen == [("file", {"fsync": True})]
+
+
+def test_same_store_needs_the_same_bucket_or_host() -> None:
+    """The run's credentials and endpoint never go to another bucket or host of the same scheme."""
+    from ckptio.manager import same_store
+    from ckptio.url import parse_url
+
+    root = parse_url("s3://bucket/runs/a")
+    assert same_store(parse_url("s3://bucket/base"), root)
+    assert not same_store(parse_url("s3://public-bucket/base"), root)
+    assert not same_store(parse_url("gs://bucket/base"), root)
+    assert same_store(parse_url("/tmp/x"), parse_url("/data/run"))
 
 
 def test_dtype_policy_and_other_format_options_reach_the_foreign_load(tmp_path: Path, hf_dir: Path) -> None:
@@ -199,6 +216,9 @@ def test_another_runs_step_and_this_runs_step_by_path(tmp_path: Path) -> None:
         # a path naming one of the run's own steps is that step: a resume
         assert mgr.load(_model_state(dest), str(tmp_path / "run" / "step_00000003")).step == 3
         assert mgr.resumed_from == 3
+        # only the names the run writes are its steps: step_3 is some other directory
+        with pytest.raises(ckptio.CheckpointNotFoundError):
+            mgr.load(_model_state(dest), str(tmp_path / "run" / "step_3"))
 
 
 def test_a_directory_that_is_no_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
@@ -228,6 +248,8 @@ def test_step_strings_that_are_mistakes_are_refused(tmp_path: Path) -> None:
             mgr.load({}, "3")
         with pytest.raises(ValueError, match="'latest'"):
             mgr.load({}, "lastest")
+        with pytest.raises(ValueError, match="'latest'"):
+            mgr.load({}, "\u00b2")  # a digit to str.isdigit, no step number
 
 
 def test_the_managers_addons_apply_to_a_foreign_load(tmp_path: Path) -> None:

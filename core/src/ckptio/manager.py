@@ -594,6 +594,7 @@ class CheckpointManager:
         strict: bool = True,
         verify: bool = True,
         init_from: str | os.PathLike[str] | None = None,
+        source_storage_options: dict[str, Any] | None = None,
         **format_options: Any,
     ) -> LoadResult:
         """Load ``step`` (default: the newest committed one) into ``state`` in place.
@@ -605,24 +606,28 @@ class CheckpointManager:
         :param init_from: what to start from when ``step`` is ``"latest"`` and the run has no
             committed step yet (a base model, typically), so that "start the fine-tune from the
             base model, or resume if there is a checkpoint" is one call, the same on the first
-            launch and on every restart. Once a step is committed it is ignored (logged at info).
+            launch and on every restart. Once a step is committed it is ignored (logged at info),
+            and so are the ``format_options``, which then belong to ``init_from``.
+        :param source_storage_options: storage options for a source outside the run (``step`` or
+            ``init_from`` as a URL). Default: the manager's own ``storage_options`` when the source
+            is on the same store as the run (same scheme and same bucket or host), else none.
         :param format_options: the format's load options: for a foreign source those of
             ``ckptio.load`` (``dtype_policy``, ``key_mapping``, ``prefix``...), for a step of the
             run those its format declares (``dtype_policy="cast"``...). A name no installed format
             declares raises :class:`~ckptio.OptionError` before anything is read.
 
         A source outside the run is read with its own backend (a relative path is relative to the
-        current directory; the URL's scheme picks the backend), with the manager's
-        ``storage_options`` only when its scheme is the run root's (the same store, the same
-        credentials; another store gets its defaults and environment: ``hf-cache://`` finds the
-        cache through ``$HF_HUB_CACHE``...). It is loaded with the manager's process group and
+        current directory; the URL's scheme picks the backend). The run's credentials go only to
+        the run's own store (see ``source_storage_options``); another store gets its defaults and
+        environment (``hf-cache://`` finds the cache through ``$HF_HUB_CACHE``...). It is loaded with the manager's process group and
         addons (``addons=["peft"]`` reads a PEFT adapter directory), but it is no step of this
         run: the result's ``step`` is ``None`` and its ``url`` is the source's, ``resumed_from``
         is left as it was and retention is unaffected. A step of the run gives its step number,
         so ``result.step is None`` tells a start from ``init_from`` from a resume.
         """
         source = foreign_source(step)
-        fmt_name = parse_url(source).format if source is not None else None
+        named = source if source is not None else (os.fspath(init_from) if init_from is not None else None)
+        fmt_name = parse_url(named).format if named is not None else None
         check_call_options(
             format_options,
             _LOAD_OWN,
@@ -632,7 +637,7 @@ class CheckpointManager:
         )
         self.wait()
         if source is not None:
-            return self._load_foreign(state, source, strict, verify, format_options)
+            return self._load_foreign(state, source, strict, verify, format_options, source_storage_options)
         _dist.on_coordinator(self._recover_replaced, self.process_group)
         if step in ("latest", None):
             resolved = self.latest_step()
@@ -646,9 +651,15 @@ class CheckpointManager:
                     log.info(
                         "no committed checkpoint under %s yet: loading init_from=%s", self.root, init_from
                     )
-                return self._load_foreign(state, init_from, strict, verify, format_options)
-            if init_from is not None and _dist.rank_and_size(self.process_group)[0] == 0:
-                log.info("resuming step %d of %s; init_from=%s is not loaded", resolved, self.root, init_from)
+                return self._load_foreign(
+                    state, init_from, strict, verify, format_options, source_storage_options
+                )
+            if init_from is not None:  # the same call on every launch: the options were init_from's
+                if _dist.rank_and_size(self.process_group)[0] == 0:
+                    log.info(
+                        "resuming step %d of %s; init_from=%s is not loaded", resolved, self.root, init_from
+                    )
+                format_options = {}
         elif isinstance(step, int) and not isinstance(step, bool):
             resolved = step
             if not self._is_committed(step):
@@ -681,7 +692,9 @@ class CheckpointManager:
         path = os.path.realpath(u.path) if u.scheme == "file" else u.path
         parent, _, name = path.rstrip("/").rpartition("/")
         m = _STEP_RE.match(name)
-        return int(m.group(1)) if m and parent == self.root.path.rstrip("/") else None
+        if not m or name != step_name(int(m.group(1))):  # step_5 is no name this run writes
+            return None
+        return int(m.group(1)) if parent == self.root.path.rstrip("/") else None
 
     def _load_foreign(
         self,
@@ -690,6 +703,7 @@ class CheckpointManager:
         strict: bool,
         verify: bool,
         format_options: dict[str, Any],
+        source_storage_options: dict[str, Any] | None,
     ) -> LoadResult:
         """Load a checkpoint from outside the run (see :meth:`load`) through its own backend."""
         own = self._own_step(os.fspath(source))
@@ -700,6 +714,7 @@ class CheckpointManager:
             source,
             root=self.root,
             storage_options=self.storage_options,
+            source_storage_options=source_storage_options,
             process_group=self.process_group,
             addons=self.addons,
             strict=strict,
@@ -759,7 +774,7 @@ def foreign_source(step: Any) -> str | None:
     text = os.fspath(step)
     if not isinstance(text, str) or text == "latest":
         return None
-    if text.strip().isdigit():  # a step number that came in as text (argv, a config file)
+    if isinstance(step, str) and re.fullmatch(r"\s*[0-9]+\s*", text):  # a step number as text (argv)
         raise ValueError(
             f"step={step!r} is a string: pass the step number as an int (step={int(text)}), or "
             f"'./{text}' for a directory of that name"
@@ -785,6 +800,7 @@ def load_foreign(
     *,
     root: URL,
     storage_options: dict[str, Any] | None,
+    source_storage_options: dict[str, Any] | None = None,
     process_group: Any,
     addons: AddonSet,
     strict: bool,
@@ -792,12 +808,14 @@ def load_foreign(
     format_options: dict[str, Any],
 ) -> LoadResult:
     """Load a checkpoint from outside the run whose root is ``root`` (a base model, another run's
-    step) through its own backend, with the run's ``storage_options`` only when the source is on
-    the same kind of store (the same credentials), else the store's defaults and environment. The
-    result's ``step`` is ``None``: the source is no step of the run."""
+    step) through its own backend, with ``source_storage_options``, else the run's
+    ``storage_options`` when the source is on the run's own store (:func:`same_store`), else the
+    store's defaults and environment. The result's ``step`` is ``None``: the source is no step
+    of the run."""
     u = parse_url(os.fspath(source))
-    same_store = u.scheme == root.scheme
-    u, backend = open_backend(u, storage_options if same_store else None)
+    if source_storage_options is None and same_store(u, root):
+        source_storage_options = storage_options
+    u, backend = open_backend(u, source_storage_options)
     with backend:  # opened here, closed here (client pools, event loops)
         result = load_checkpoint(
             state,
@@ -811,3 +829,14 @@ def load_foreign(
         )
     result.step = None  # not a step of this run (result.manifest still tells another run's step)
     return result
+
+
+def same_store(u: URL, root: URL) -> bool:
+    """Whether ``u`` is on the store that holds ``root``: the same scheme and, for remote stores,
+    the same bucket, container, profile or host (the first component of the path). Only then do
+    the run's storage options (credentials, endpoints) go with a load from outside the run."""
+    if u.scheme != root.scheme:
+        return False
+    if u.scheme == "file":
+        return True
+    return u.path.split("/", 1)[0] == root.path.split("/", 1)[0]

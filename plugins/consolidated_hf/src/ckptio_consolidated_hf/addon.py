@@ -163,6 +163,14 @@ def _conversion_source(model: Any, config_json: bytes | None) -> Any:
         return None
 
 
+def _save_group(pg: Any) -> Any:
+    """The save's process group as an explicit group: ``None`` means the default group when
+    torch.distributed is initialised."""
+    if pg is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.group.WORLD
+    return pg
+
+
 class ConsolidatedHFAddon:
     """Exports the model as a Hugging Face directory after the commit (see the module docstring)."""
 
@@ -403,7 +411,9 @@ class ConsolidatedHFAddon:
             reference_index=ref_index,
             dtype_reference=self.base_model_path,
             cast_dtype=cast,
-            process_group=ctx.process_group,
+            # consolidate() reads None as "this process alone"; the save's None is the default group,
+            # whose ranks split the files between them (each would otherwise write the whole export)
+            process_group=_save_group(ctx.process_group),
             progress=False,
             group=key,
             storage_options=self.storage_options,
