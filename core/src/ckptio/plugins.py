@@ -8,18 +8,35 @@ loads). Code that is not packaged registers at runtime
 with :func:`register_backend`, :func:`register_format` and :func:`register_addon` (or with
 :func:`register_plugin` for a module or object of hook implementations): the same code path the
 entry points take.
+
+Discovery is cached per user (:data:`CACHE_ENV`): scanning every installed distribution's metadata
+for entry points, importing each plugin module and running its hooks costs tens of milliseconds per
+process (at 16 ranks a machine, inside every first save). The first process records what each
+plugin registered (its lazy ``"module:Name"`` targets) in ``~/.cache/ckptio`` (``$XDG_CACHE_HOME``),
+keyed on the interpreter and ``sys.path``; later processes check the ``*.dist-info`` /
+``*.egg-info`` entries of every ``sys.path`` directory (one ``stat`` per directory while nothing
+was installed or removed there) and the plugin modules' files, and replay the registrations
+without importing any plugin. A broken plugin, one that registers objects rather than dotted
+strings, and a name the cache does not know (an unknown scheme, a protocol registered at run
+time) always take the full path, so what is found, warned and reported is what a full discovery
+gives.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
-import importlib.metadata as md
+import json
 import logging
 import os
+import re
+import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -31,6 +48,13 @@ log = logging.getLogger("ckptio.plugins")
 
 ENTRY_POINT_GROUP = "ckptio"
 ALLOW_ENV = "CKPTIO_PLUGINS"
+#: ``0``/``off`` disables the discovery cache; any other value is the directory to keep it in.
+CACHE_ENV = "CKPTIO_PLUGIN_CACHE"
+_CACHE_VERSION = 1
+_CACHE_FILES = 64
+#: a file or directory changed this recently may change again within the same timestamp tick
+_RACY_NS = 2_000_000_000
+_EP_PATTERN = re.compile(r"(?P<module>[\w.]+)\s*(:\s*(?P<attr>[\w.]+)\s*)?((?P<extras>\[.*\])\s*)?$")
 
 #: Where to find what is not installed: scheme/format/addon -> pip requirement(s).
 INSTALL_HINTS: dict[str, dict[str, str]] = {
@@ -92,7 +116,7 @@ class PluginInfo:
 
 
 class _Registry:
-    def __init__(self) -> None:
+    def __init__(self, *, read_cache: bool = True) -> None:
         self.pm = pluggy.PluginManager("ckptio")
         self.pm.add_hookspecs(hookspecs)
         self.entries: dict[str, dict[str, Registration]] = {
@@ -105,11 +129,23 @@ class _Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self._loaded = False
         self._lock = threading.RLock()
+        self._read_cache = read_cache
+        #: entry points replayed from the cache, not imported: ``name -> value``, in order
+        self._replayed: dict[str, str] = {}
+        #: what the plugins being loaded register, for the cache (``None``: not cacheable)
+        self._recording: dict[str, list[list[Any]] | None] = {}
 
     # -- registration ---------------------------------------------------------------------
     def add(
         self, kind: str, name: str, target: Any, plugin: str, priority: int = 0, clobber: bool = False
     ) -> None:
+        rec = self._recording.get(plugin, None)
+        if rec is not None:
+            entry = _cacheable(kind, name, target, priority)
+            if entry is None:
+                self._recording[plugin] = None
+            else:
+                rec.append(entry)
         name = name.lower()
         table = self.entries[kind]
         old = table.get(name)
@@ -155,38 +191,116 @@ class _Registry:
     def _load_entry_points(self) -> None:
         allow_raw = os.environ.get(ALLOW_ENV)
         allow = None if allow_raw is None else {a.strip() for a in allow_raw.split(",") if a.strip()}
-        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-            dist = getattr(ep, "dist", None)
+        cache = _DiscoveryCache.for_this_process()
+        cached = cache.read() if cache is not None and self._read_cache else None
+        if cached is not None:
+            eps: list[dict[str, Any]] = cached["entry_points"]
+            records: dict[str, Any] = cached["plugins"]
+        else:
+            stamps = _path_stamps(cache.paths) if cache is not None else []
+            eps, records = _scan_entry_points(), {}
+        before = set(sys.modules)
+        loaded_any = False
+        for ep in eps:
             info = PluginInfo(
-                name=ep.name,
-                distribution=dist.metadata["Name"] if dist is not None else None,
-                version=dist.version if dist is not None else None,
-                module=ep.value,
+                name=ep["name"], distribution=ep["dist"], version=ep["version"], module=ep["value"]
             )
-            if ep.name in self.plugins and self.plugins[ep.name].module:
+            if ep["name"] in self.plugins and self.plugins[ep["name"]].module:
                 continue  # first installed distribution wins, as in pluggy
             # the core's own built-ins (the native format) are part of ckptio, not optional plugins
             builtin = info.distribution == "ckptio"
-            if allow is not None and ep.name not in allow and not builtin:
+            if allow is not None and ep["name"] not in allow and not builtin:
                 info.skipped = True
-                self.plugins[ep.name] = info
+                self.plugins[ep["name"]] = info
                 continue
-            try:
-                obj = ep.load()
-                self.register_plugin(obj, ep.name, info)
-            except Exception as exc:  # a broken plugin must not break the host
-                info.error = f"{type(exc).__name__}: {exc}"
-                self.plugins[ep.name] = info
-                warnings.warn(
-                    f"ckptio: plugin {ep.name!r} ({info.distribution}) failed to load: {info.error}",
-                    RuntimeWarning,
-                    stacklevel=3,
+            rec = records.get(ep["name"])
+            if rec is not None and rec["value"] == ep["value"]:
+                self._replay(info, rec["registrations"])
+                continue
+            records.pop(ep["name"], None)
+            if self._load_one(info):
+                loaded_any = True
+                regs = self._recording.get(info.name)
+                if regs is not None:
+                    records[info.name] = {"value": ep["value"], "registrations": regs}
+        self._recording.clear()
+        if cache is None or not (loaded_any or cached is None):
+            return
+        files = cached["files"] if cached is not None else []
+        modules = set(sys.modules) - before
+        for rec in records.values():
+            # each plugin's own module and its packages, even when imported before discovery
+            parts = _EP_PATTERN.match(rec["value"])
+            mod = parts.group("module").split(".") if parts else []
+            modules.update(".".join(mod[: i + 1]) for i in range(len(mod)))
+        files = _merge_file_stamps(files, modules)
+        cache.write(
+            stamps=cached["stamps"] if cached is not None else stamps,
+            entry_points=eps,
+            plugins=records,
+            files=files,
+        )
+
+    def _load_one(self, info: PluginInfo) -> bool:
+        """Import one entry point and run its hooks; a failure is recorded and warned about."""
+        self._recording[info.name] = []
+        try:
+            obj = _load_entry_point(info.module or "")
+            self.register_plugin(obj, info.name, info)
+            return True
+        except Exception as exc:  # a broken plugin must not break the host
+            info.error = f"{type(exc).__name__}: {exc}"
+            self.plugins[info.name] = info
+            self._recording[info.name] = None
+            warnings.warn(
+                f"ckptio: plugin {info.name!r} ({info.distribution}) failed to load: {info.error}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+
+    def _replay(self, info: PluginInfo, registrations: list[list[Any]]) -> None:
+        """What the plugin registered last time, without importing it."""
+        self.plugins[info.name] = info
+        self._replayed[info.name] = info.module or ""
+        for kind, name, target, priority in registrations:
+            if kind == "command":
+                target = CommandSpec(
+                    name,
+                    target["add_arguments"],
+                    target["run"],
+                    target["help"],
+                    target["description"],
+                    info.name,
                 )
+            self.add(kind, name, target, info.name, priority)
+
+    def load_replayed(self) -> bool:
+        """Import the plugins replayed from the cache and run their hooks (a name the cache does
+        not know: the full discovery decides). True if there were any."""
+        with self._lock:
+            if not self._replayed:
+                return False
+            replayed, self._replayed = self._replayed, {}
+            for name in replayed:
+                old = self.plugins[name]
+                info = PluginInfo(
+                    name=name, distribution=old.distribution, version=old.version, module=old.module
+                )
+                for table in self.entries.values():
+                    for key in [k for k, r in table.items() if r.plugin == name]:
+                        del table[key]
+                self._load_one(info)
+            self._recording.clear()
+            return True
 
     # -- lookup ---------------------------------------------------------------------------
     def resolve(self, kind: str, name: str) -> Registration | None:
         self.ensure_loaded()
-        return self.entries[kind].get(name.lower())
+        reg = self.entries[kind].get(name.lower())
+        if reg is None and self._replayed and self.load_replayed():
+            reg = self.entries[kind].get(name.lower())
+        return reg
 
     def materialize(self, reg: Registration) -> Any:
         target = reg.target
@@ -204,6 +318,216 @@ class _Registry:
                 ) from exc
             reg.target = target = obj
         return target
+
+
+# -- the discovery cache ------------------------------------------------------------------------
+def _load_entry_point(value: str) -> Any:
+    """``importlib.metadata.EntryPoint.load`` without building the metadata."""
+    match = _EP_PATTERN.match(value)
+    if match is None:
+        raise ValueError(f"invalid entry point {value!r}")
+    obj: Any = importlib.import_module(match.group("module"))
+    for part in filter(None, (match.group("attr") or "").split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _dotted(obj: Any) -> str | None:
+    """``"module:qualname"`` that imports back to ``obj`` itself, if there is one."""
+    mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not isinstance(mod, str) or not isinstance(qual, str) or "<" in qual:
+        return None
+    found: Any = sys.modules.get(mod)
+    for part in qual.split("."):
+        found = getattr(found, part, None)
+    return f"{mod}:{qual}" if found is obj else None
+
+
+def _cacheable(kind: str, name: str, target: Any, priority: int) -> list[Any] | None:
+    """One registration as JSON (objects by their dotted name), or None when it cannot be."""
+    if isinstance(target, CommandSpec):
+        add_arguments = (
+            target.add_arguments if isinstance(target.add_arguments, str) else _dotted(target.add_arguments)
+        )
+        run = target.run if isinstance(target.run, str) else _dotted(target.run)
+        if add_arguments is None or run is None:
+            return None
+        spec = {
+            "add_arguments": add_arguments,
+            "run": run,
+            "help": target.help,
+            "description": target.description,
+        }
+        return [kind, target.name, spec, priority]
+    text = target if isinstance(target, str) else _dotted(target)
+    if text is None or not isinstance(name, str) or not isinstance(priority, int):
+        return None
+    return [kind, name, text, priority]
+
+
+def _scan_entry_points() -> list[dict[str, Any]]:
+    """Every ``ckptio`` entry point of the installed distributions (the full metadata scan)."""
+    import importlib.metadata as md
+
+    out = []
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        out.append(
+            {
+                "name": ep.name,
+                "value": ep.value,
+                "dist": dist.metadata["Name"] if dist is not None else None,
+                "version": dist.version if dist is not None else None,
+            }
+        )
+    return out
+
+
+def _path_stamps(paths: list[str]) -> list[list[Any]]:
+    """``[path, mtime_ns, [[dist-info name, mtime_ns], ...]]`` per ``sys.path`` entry: what
+    ``importlib.metadata`` reads the installed distributions from."""
+    out: list[list[Any]] = []
+    for path in paths:
+        out.append(_stamp_one(path))
+    return out
+
+
+def _stamp_one(path: str) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None, None]
+    if not os.path.isdir(path):
+        return [path, st.st_mtime_ns, st.st_size]
+    dists: list[list[Any]] = []
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                if entry.name.endswith((".dist-info", ".egg-info")):
+                    try:
+                        dists.append([entry.name, entry.stat().st_mtime_ns])
+                    except OSError:
+                        dists.append([entry.name, None])
+    except OSError:
+        return [path, None, None]
+    dists.sort()
+    return [path, st.st_mtime_ns, dists]
+
+
+def _stamps_valid(stamps: list[list[Any]], paths: list[str]) -> bool:
+    if [s[0] for s in stamps] != paths:
+        return False
+    for path, mtime, dists in stamps:
+        try:
+            st = os.stat(path)
+        except OSError:
+            if mtime is not None:
+                return False
+            continue
+        if mtime is not None and st.st_mtime_ns == mtime:
+            continue  # nothing added to or removed from the directory since
+        if not isinstance(dists, list):
+            return False  # a zip file or an egg that changed
+        if _stamp_one(path)[2] != dists:
+            return False
+    return True
+
+
+def _file_stamp(path: str) -> list[Any]:
+    try:
+        st = os.stat(path)
+        return [path, st.st_mtime_ns, st.st_size]
+    except OSError:
+        return [path, None, None]
+
+
+def _merge_file_stamps(files: list[list[Any]], modules: set[str]) -> list[list[Any]]:
+    """The source files of the modules plugin loading imported (and this one): editing a plugin
+    in an editable install changes what it registers with nothing reinstalled."""
+    paths = {f[0] for f in files}
+    out = list(files)
+    for mod_name in sorted(modules | {__name__}):
+        path = getattr(sys.modules.get(mod_name), "__file__", None)
+        if isinstance(path, str) and path not in paths:
+            paths.add(path)
+            out.append(_file_stamp(path))
+    return out
+
+
+class _DiscoveryCache:
+    """One JSON file per interpreter and ``sys.path``: the entry points and their registrations."""
+
+    def __init__(self, directory: Path, paths: list[str]) -> None:
+        self.paths = paths
+        self.key = [_CACHE_VERSION, sys.executable, sys.prefix, list(sys.version_info[:2]), paths]
+        digest = hashlib.sha256(json.dumps(self.key).encode()).hexdigest()[:20]
+        self.file = directory / f"plugins-{digest}.json"
+
+    @classmethod
+    def for_this_process(cls) -> _DiscoveryCache | None:
+        setting = os.environ.get(CACHE_ENV)
+        if setting is not None and setting.strip().lower() in ("", "0", "off", "no", "false"):
+            return None
+        if setting:
+            directory = Path(setting).expanduser()
+        else:
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            directory = Path(base) / "ckptio"
+        cwd = os.getcwd()
+        paths = [os.path.abspath(p) if p else cwd for p in sys.path]
+        return cls(directory, paths)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.file.read_bytes())
+            if data.get("key") != self.key:
+                return None
+            if not _stamps_valid(data["stamps"], self.paths):
+                return None
+            for path, mtime, size in data["files"]:
+                if _file_stamp(path) != [path, mtime, size]:
+                    return None
+            if not isinstance(data["entry_points"], list) or not isinstance(data["plugins"], dict):
+                return None
+            return dict(data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.debug("plugin discovery cache %s not used: %s", self.file, exc)
+            return None
+
+    def write(self, **fields: Any) -> None:
+        recent = time.time_ns() - _RACY_NS
+        stamps: list[list[Any]] = [list(s) for s in fields["stamps"]]
+        for stamp in stamps:
+            if isinstance(stamp[2], list) and any(m is None or m >= recent for _, m in stamp[2]):
+                return  # a distribution is being installed right now: the next process decides
+            if stamp[1] is not None and stamp[1] >= recent:
+                stamp[1] = None  # compare the directory's distributions next time, not its mtime
+        if any(m is None or m >= recent for _, m, _ in fields["files"]):
+            return
+        data = {"key": self.key, **fields, "stamps": stamps}
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.file)
+            self._prune()
+        except OSError as exc:
+            log.debug("plugin discovery cache %s not written: %s", self.file, exc)
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    def _prune(self, keep: int = _CACHE_FILES) -> None:
+        """At most ``keep`` cache files (one per interpreter and ``sys.path``: test suites that
+        run interpreters with temporary paths would otherwise leave one per run): the oldest go."""
+        files = list(self.file.parent.glob("plugins-*.json"))
+        if len(files) <= keep:
+            return
+        files.sort(key=lambda f: f.stat().st_mtime if f.exists() else 0.0)
+        for f in files[: len(files) - keep]:
+            if f != self.file:
+                f.unlink(missing_ok=True)
 
 
 _registry = _Registry()
@@ -326,7 +650,7 @@ def list_plugins() -> list[PluginInfo]:
 def reload_plugins() -> None:
     """Forget everything and discover entry points again (after a ``pip install``)."""
     global _registry
-    _registry = _Registry()
+    _registry = _Registry(read_cache=False)
     importlib.invalidate_caches()
     _registry.ensure_loaded()
 

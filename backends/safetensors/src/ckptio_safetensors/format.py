@@ -417,6 +417,8 @@ def manifest_metadata(
 
 #: Bytes of stored data held at a time (per reader thread) when a tensor is cast while read.
 CAST_BAND_BYTES = 8 << 20
+#: a widening read into more destination bytes than twice this is split into tasks of this size
+SPLIT_BYTES = 32 << 20
 
 
 class SafetensorsReader(FormatReader):
@@ -554,16 +556,25 @@ class SafetensorsReader(FormatReader):
                     continue
                 done_once[key] = len(jobs)
             jobs.append((req, c, dst))
-        if self.thread_count == 1 or len(jobs) <= 1:
-            done = [self._read(req, c, dst) for req, c, dst in jobs]
+        # a large widening cast is split into bands of rows, each its own task: one 250 MB embedding
+        # read and widened by one thread would leave the others idle at the end of the load
+        tasks: list[tuple[ReadItem, Chunk, torch.Tensor | None, tuple[int, int] | None]] = []
+        for req, c, dst in jobs:
+            parts = self._widen_parts(req, c, dst) if self.thread_count > 1 else None
+            if parts is None:
+                tasks.append((req, c, dst, None))
+            else:
+                tasks.extend((req, c, dst, part) for part in parts)
+        if self.thread_count == 1 or len(tasks) <= 1:
+            done = [self._read(*task) for task in tasks]
         else:
             with ThreadPoolExecutor(self.thread_count, thread_name_prefix="ckptio-st-read") as pool:
-                done = [f.result() for f in [pool.submit(self._read, *job) for job in jobs]]
-        for (req, _c, dst), value in zip(jobs, done):
+                done = [f.result() for f in [pool.submit(self._read, *task) for task in tasks]]
+        for (req, _c, dst, part), value in zip(tasks, done):
             if dst is None:
                 assert value is not None
                 planner.load_bytes(req, io.BytesIO(value))
-            else:
+            elif part is None or part[0] + part[1] == req.lengths[0]:  # a split one: its last band
                 planner.commit_tensor(req, dst)
         for req, dst in same:
             planner.commit_tensor(req, dst)
@@ -579,11 +590,47 @@ class SafetensorsReader(FormatReader):
                 f"checksum mismatch in {url} (tensor {c.fqn!r}): the file is damaged", path=url
             )
 
-    def _read(self, req: ReadItem, c: Chunk, dst: torch.Tensor | None) -> bytes | None:
+    def _read(
+        self, req: ReadItem, c: Chunk, dst: torch.Tensor | None, part: tuple[int, int] | None = None
+    ) -> bytes | None:
         try:
+            if part is not None:
+                assert dst is not None
+                fpath = self.backend.join(self.path, c.file)
+                self._read_widen(fpath, req, c, dst.narrow(0, part[0], part[1]), False, first=part[0])
+                return None
             return self._read_chunk(req, c, dst)
         except FileNotFoundError as exc:  # a listed file deleted since it was checked
             raise missing_file(self.backend, self.backend.join(self.path, c.file), exc) from exc
+
+    def _widen_parts(self, req: ReadItem, c: Chunk, dst: torch.Tensor | None) -> list[tuple[int, int]] | None:
+        """``(first row, rows)`` bands of a widening read (see :meth:`_read_widen`) of at least
+        :data:`SPLIT_BYTES` of destination each, or None when it is read as one task (small,
+        checksummed: the hash runs over the whole chunk in order, or not a widening)."""
+        if (
+            dst is None
+            or c.view is not None
+            or c.sizes is None
+            or c.dtype is None
+            or len(c.sizes) == 0
+            or dst.dtype == c.dtype
+            or (self.verify and c.xxh3 is not None)
+            or dst.device.type != "cpu"
+            or not dst.is_contiguous()
+            or dst.nbytes < 2 * SPLIT_BYTES
+            or any(req.storage_offsets[1:])
+            or tuple(req.lengths[1:]) != c.sizes[1:]
+            or not _widens(c.dtype, dst.dtype)
+        ):
+            return None
+        rows = int(req.lengths[0])
+        if dst.shape[0] != rows:
+            return None
+        per_row = max(1, dst.nbytes // max(1, rows))
+        step = max(1, SPLIT_BYTES // per_row)
+        if rows < 2 * step:
+            return None
+        return [(r, min(step, rows - r)) for r in range(0, rows, step)]
 
     def _read_chunk(self, req: ReadItem, c: Chunk, dst: torch.Tensor | None) -> bytes | None:
         fpath = self.backend.join(self.path, c.file)
@@ -666,12 +713,15 @@ class SafetensorsReader(FormatReader):
                 f"checksum mismatch in {url} (tensor {c.fqn!r}): the file is damaged", path=url
             )
 
-    def _read_widen(self, fpath: str, req: ReadItem, c: Chunk, dst: torch.Tensor, checked: bool) -> None:
+    def _read_widen(
+        self, fpath: str, req: ReadItem, c: Chunk, dst: torch.Tensor, checked: bool, first: int = 0
+    ) -> None:
         """A cast to a wider dtype (bf16 -> fp32), whole rows into a contiguous destination: the
         stored bytes are read straight into the end of the destination's own memory and widened
         in place, front to back, in blocks whose output never reaches stored bytes not yet
         converted; only the last two blocks' stored bytes go through a buffer first. No copy of
-        the stored bytes, and no memory beyond that buffer."""
+        the stored bytes, and no memory beyond that buffer. ``dst`` may be a band of the request's
+        rows starting ``first`` rows in (see :meth:`_widen_parts`)."""
         assert c.sizes is not None and c.dtype is not None
         row = math.prod(c.sizes[1:]) * c.dtype.itemsize
         flat = dst.view(-1)
@@ -681,7 +731,7 @@ class SafetensorsReader(FormatReader):
         si = c.dtype.itemsize
         src = flat.view(torch.uint8)[n * (dst.dtype.itemsize - si) :].view(c.dtype)
         view = tensor_memoryview(src)
-        self.backend.read_into(fpath, c.pos + req.storage_offsets[0] * row, view)
+        self.backend.read_into(fpath, c.pos + (req.storage_offsets[0] + first) * row, view)
         if checked:  # only a whole chunk gets here with a checksum
             self._check(c, view)
         self._count(len(view))
