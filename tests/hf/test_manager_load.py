@@ -294,7 +294,8 @@ def test_tiered_manager_starts_from_init_from_then_resumes(
     trained = logits(model, 256)
     again = build("llama", seed=6)
     with TieredCheckpointManager(root, local=local) as mgr:
-        assert mgr.load(_model_state(again), init_from=str(hf_dir)).step == 1  # resumed, base ignored
+        # the first launch's very call: its options were init_from's; resumed, base ignored
+        assert mgr.load(_model_state(again), init_from=str(hf_dir), dtype_policy="cast").step == 1
         with pytest.raises(ckptio.OptionError, match="outside the run"):
             mgr.load(_model_state(again), 1, dtype_policy="cast")
         assert mgr.load(_model_state(build("llama", seed=7)), str(hf_dir)).step is None  # a foreign path

@@ -46,12 +46,25 @@ def node_dir_name(node: int) -> str:
     return f"node_{node:05d}"
 
 
-_NODE_RE = re.compile(r"^node_(\d{1,9})$")
+_NODE_RE = re.compile(r"^node_([0-9]{5,9})$")
 
 
 def parse_node_dir(name: str) -> int | None:
+    """The node whose copies ``name`` holds, for a canonical :func:`node_dir_name` only
+    (``node_000001`` or ``node_1`` are no one's)."""
     m = _NODE_RE.match(name)
-    return int(m.group(1)) if m else None
+    if m is None:
+        return None
+    node = int(m.group(1))
+    return node if node_dir_name(node) == name else None
+
+
+def safe_name(name: str) -> bool:
+    """``name`` is a relative path below its directory: no ``..``, ``.`` or empty part, no
+    absolute path, no backslash or NUL (a manifest's file names, checked again on receipt)."""
+    if not name or "\x00" in name or "\\" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 @dataclass(frozen=True)
@@ -180,14 +193,19 @@ def _recv_all(
     for t in recvs:
         parts = t.name.split("/")
         base = dirs.get(t.key)
-        path = backend.join(base, *parts) if base is not None else t.name
+        path = t.name
         failure: BaseException | None = None
         cm: Any = None
         sink: Any = None
         if base is None:
             failure = CheckpointError(f"no receiving directory for {t.name}")
+        elif not safe_name(t.name):  # defence in depth: the plan comes from manifests, checked already
+            failure = CorruptCheckpointError(
+                f"refusing to receive {t.name!r}: not a plain relative file name"
+            )
         else:
             try:
+                path = backend.join(base, *parts)
                 if len(parts) > 1:
                     backend.makedirs(backend.join(base, *parts[:-1]))
                 cm = backend.open_write(path)

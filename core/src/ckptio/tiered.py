@@ -38,6 +38,7 @@ import logging
 import os
 import pickle
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +64,7 @@ from .checkpoint import (
     read_manifest,
     run_dcp_save,
 )
-from .commit import Target, new_token, parse_leftover, remove_leftovers
+from .commit import Target, new_token, parse_leftover, recover, remove_leftovers
 from .copying import COPY_CHUNK
 from .copying import check_digest as _check_digest
 from .copying import stream_file as _stream_file
@@ -95,6 +96,18 @@ DURABLE = "durable"
 PROBE_PREFIX = ".ckptio-probe-"
 #: Files uploaded at once by one rank during a drain.
 DRAIN_THREADS = 4
+
+_STEP_DIR_RE = re.compile(r"^step_([0-9]{1,18})$")
+
+
+def _parse_step_dir(name: str) -> int | None:
+    """The step a directory name stands for, for a canonical :func:`step_name` only
+    (``step_3``, ``step_²`` or ``step_000000003`` stand for none)."""
+    m = _STEP_DIR_RE.match(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if step_name(step) == name else None
 
 
 class DrainError(AsyncSaveError):
@@ -927,47 +940,124 @@ class TieredCheckpointManager:
         parts = [_peer.PEERS_DIR, _peer.node_dir_name(node)] + ([] if step is None else [step_name(step)])
         return lb.join(self.local_root.path, *parts)
 
+    def _peer_nodes(self) -> list[int]:
+        """The nodes this node keeps (or kept) copies for: ``<local>/peers/node_N``, canonical names only."""
+        lb = self._local.backend
+        base = lb.join(self.local_root.path, _peer.PEERS_DIR)
+        if not lb.exists(base):
+            return []
+        return sorted(n for n in map(_peer.parse_node_dir, lb.listdir(base)) if n is not None)
+
     def _peer_steps(self) -> dict[int, list[int]]:
         """``{node: [steps]}``: the committed copies of other nodes' files this node keeps."""
         lb = self._local.backend
-        base = lb.join(self.local_root.path, _peer.PEERS_DIR)
         out: dict[int, list[int]] = {}
-        if not lb.exists(base):
-            return out
-        for entry in lb.listdir(base):
-            node = _peer.parse_node_dir(entry)
-            if node is None:
-                continue
+        for node in self._peer_nodes():
             steps = []
-            for name in lb.listdir(lb.join(base, entry)):
-                if name.startswith("step_") and name[5:].isdigit() and step_name(int(name[5:])) == name:
-                    if lb.exists(lb.join(base, entry, name, MANIFEST_NAME)):
-                        steps.append(int(name[5:]))
+            for name in lb.listdir(self._peer_path(node)):
+                s = _parse_step_dir(name)
+                if s is not None and lb.exists(lb.join(self._peer_path(node, s), MANIFEST_NAME)):
+                    steps.append(s)
             out[node] = sorted(steps)
         return out
 
+    def _clear_uncommitted(self, final: str, what: str) -> None:
+        """A node's leader, before publishing at ``final`` on the local tier or dropping it: remove
+        what dead writers of it left (staging, moved-aside copies, leases) and a directory there
+        without a manifest (a deletion cut short, a save that died), the rules of
+        :func:`ckptio.commit.remove_leftovers`: nothing a live lease owns, never a committed copy.
+        Raises :class:`ConcurrentWriteError` (and removes nothing more) when a live writer holds it."""
+        lb = self._local.backend
+        recover(lb, final)  # a replacement cut short between its renames: roll it forward or back
+        _, live = remove_leftovers(lb, final)
+        if live:
+            holder = next(iter(live.values()))
+            raise ConcurrentWriteError(
+                f"another process (host {holder.get('host')!r}, pid {holder.get('pid')}) is writing {what}"
+            )
+        if lb.exists(final) and lb.is_dir(final) and not lb.exists(lb.join(final, MANIFEST_NAME)):
+            log.info("removing %s: it was never committed (or its deletion was cut short)", lb.url(final))
+            lb.remove(final, recursive=True)
+
+    def _drop_peer_copy(self, final: str) -> None:
+        """Remove one peer copy: its manifest first (a deletion cut short leaves no copy that
+        looks committed, and the next prune or replication removes the rest)."""
+        lb = self._local.backend
+        lb.remove(lb.join(final, MANIFEST_NAME))
+        lb.remove(final, recursive=True)
+
     def _prune_peers(self) -> None:
         """A node's leader, after local retention: drop the peer copies of the steps this node no
-        longer keeps itself (nor protects)."""
+        longer keeps itself (nor protects), and what dead replications left (staging, leases,
+        copies without a manifest, whatever their step; a live replication's lease keeps its own)."""
         keep = set(self._local.steps()) | self._local_protected()
         lb = self._local.backend
-        for node, steps in self._peer_steps().items():
-            for s in steps:
-                if s not in keep:
-                    lb.remove(self._peer_path(node, s), recursive=True)
-            # what dead replications left (a live one's lease keeps its staging)
+        for node in self._peer_nodes():
+            found: set[int] = set()  # steps with a copy, or leftovers (staging, leases), here
             for entry in lb.listdir(self._peer_path(node)):
                 parsed = parse_leftover(entry)
-                if parsed and parsed[0].startswith("step_") and parsed[0][5:].isdigit():
-                    if int(parsed[0][5:]) not in keep:
-                        remove_leftovers(lb, self._peer_path(node, int(parsed[0][5:])))
+                s = _parse_step_dir(parsed[0] if parsed else entry)
+                if s is not None:
+                    found.add(s)
+            for s in sorted(found):
+                final = self._peer_path(node, s)
+                try:
+                    # dead leftovers, and the copy itself when it has no manifest (a cut-short deletion)
+                    self._clear_uncommitted(final, lb.url(final))
+                    if s not in keep and lb.is_dir(final):  # never a file (not ours to remove)
+                        self._drop_peer_copy(final)
+                except ConcurrentWriteError as exc:
+                    log.info("leaving %s alone: %s", lb.url(final), exc)
+                except CheckpointError as exc:
+                    log.warning("could not remove the peer copy %s: %s", lb.url(final), exc)
+
+    def _each_leader(self, fn: Callable[[], T], pg: Any) -> tuple[dict[int, T], dict[int, BaseException]]:
+        """Run ``fn`` on each node's leading rank (collective); every rank gets every leader's
+        result and every leader's failure, by node. Nothing is raised: the caller decides, on
+        values every rank holds, so all ranks take the same branch."""
+        dom = self._domains
+        assert dom is not None
+        out: Any = None
+        err: BaseException | None = None
+        if dom.is_leader:
+            try:
+                out = fn()
+            except Exception as exc:
+                err = _portable(exc)
+        leaders = {g[0]: d for d, g in enumerate(dom.groups)}
+        results: dict[int, T] = {}
+        failed: dict[int, BaseException] = {}
+        for r, (e, o) in enumerate(_dist.all_gather((err, out), pg)):
+            if r in leaders:
+                if e is not None:
+                    failed[leaders[r]] = e
+                else:
+                    results[leaders[r]] = o
+        return results, failed
+
+    def _broadcast_from(self, node: int, obj: Any, pg: Any) -> Any:
+        """``obj`` of ``node``'s leading rank, on every rank (collective)."""
+        import torch.distributed as dist
+
+        dom = self._domains
+        assert dom is not None
+        src = dom.groups[node][0]
+        if not _dist.active(pg):
+            return obj
+        box = [obj if dom.rank == src else None]
+        dist.broadcast_object_list(
+            box, src=dist.get_global_rank(pg, src) if pg is not None else src, group=pg
+        )
+        return box[0]
 
     def _replicate(
         self, step: int, held: dict[int, dict[str, tuple[int, str]]], manifest_bytes: bytes, pg: Any
     ) -> None:
         """After the local commit of ``step`` (collective): every node sends its files to the next
         node, which commits them under ``<local>/peers/node_<sender>/`` (staging, checksums on
-        receipt, manifest last). A failure is a warning: the step stays committed locally."""
+        receipt, manifest last). A failure is a warning: the step stays committed locally. Each
+        node's copy stands alone: one that fails (to prepare, to arrive, to commit) leaves the
+        others to go on."""
         dom = self._start()
         n = len(dom.groups)
         if n < 2:
@@ -975,7 +1065,7 @@ class TieredCheckpointManager:
         lb = self._local.backend
         src_dir = self._local_path(step)
         transfers: list[_peer.Transfer] = []
-        for d in range(n):
+        for d in range(n):  # key d: node d's files, kept by its peer
             files = [(name, size, dg) for name, (size, dg) in held.get(d, {}).items()]
             transfers += _peer.plan(files, dom.groups[d], dom.groups[_peer.peer_of(d, n)], src_dir, d)
         source = (dom.index - 1) % n  # whose files this node keeps
@@ -984,21 +1074,33 @@ class TieredCheckpointManager:
 
         def prepare() -> str:
             nonlocal target
-            remove_leftovers(lb, final)
-            target = Target.prepare(lb, final, overwrite=True, what=f"the peer copy {lb.url(final)}")
+            what = f"the peer copy {lb.url(final)}"
+            self._clear_uncommitted(final, what)
+            target = Target.prepare(lb, final, overwrite=True, what=what)
             return target.data_dir
 
+        failures: dict[int, BaseException] = {}
         try:
-            data_dir: str = self._on_leaders(prepare, pg, share=True)  # type: ignore[assignment]
-            mine = _peer.exchange(lb, transfers, dom.rank, {source: data_dir}, self._peer_group)
-            errors = _dist.all_gather({k: _portable(e) for k, e in mine.items()}, pg)
-            failed = [e for part in errors for e in part.values()]
+            dirs, refused = self._each_leader(prepare, pg)
+            failures.update({(h - 1) % n: e for h, e in refused.items()})
+            transfers = [t for t in transfers if t.key not in failures]  # the same on every rank
+            mine = _peer.exchange(
+                lb,
+                transfers,
+                dom.rank,
+                {source: dirs[dom.index]} if dom.index in dirs else {},
+                self._peer_group,
+            )
+            for part in _dist.all_gather({k: _portable(e) for k, e in mine.items()}, pg):
+                for key, e in part.items():
+                    failures.setdefault(key, e)
 
             def commit() -> None:
                 nonlocal target
                 staged, target = target, None  # from here on, aborted (or committed) here
-                assert staged is not None
-                if failed:
+                if staged is None:  # its prepare failed
+                    return
+                if source in failures:
                     staged.abort()
                     return
                 listed = {t.name: {"size": t.size} for t in transfers if t.key == source}
@@ -1009,19 +1111,24 @@ class TieredCheckpointManager:
                     raise
                 staged.commit(manifest_bytes)  # aborts itself on failure
 
-            self._on_leaders(commit, pg)
-            if failed:
-                raise failed[0]
-        except Exception as exc:
+            _, unsaved = self._each_leader(commit, pg)
+            for h, e in unsaved.items():
+                failures.setdefault((h - 1) % n, e)
+        except Exception as exc:  # a collective failed: no copy of this step is trusted
+            failures = {d: exc for d in range(n)}
+        finally:
             if target is not None and not target.committed:
                 target.abort()
-            if dom.rank == 0:
-                log.warning(
-                    "step %d: peer replication failed (the step is committed locally, and drains to "
-                    "the durable tier as usual): %s",
-                    step,
-                    exc,
-                )
+        if failures and dom.rank == 0:
+            log.warning(
+                "step %d: peer replication failed (the step is committed locally, and drains to "
+                "the durable tier as usual): %s",
+                step,
+                "; ".join(
+                    f"node {d} -> node {_peer.peer_of(d, n)}: {e}"
+                    for d, e in sorted(failures.items(), key=lambda x: x[0])
+                ),
+            )
 
     def _peer_views(self, pg: Any) -> dict[int, set[int]]:
         """``{node: steps its peer keeps a copy of}`` (only copies kept by the node's current peer)."""
@@ -1030,14 +1137,21 @@ class TieredCheckpointManager:
         if self._peer_group is None or n < 2:
             return {}
         mine: dict[int, list[int]] | None = None
+        err: BaseException | None = None
         if dom.is_leader:
             try:
                 mine = self._peer_steps()
-            except CheckpointError as exc:
+            except CheckpointError as exc:  # the copies are a help: the load goes on without them
                 log.warning("cannot list the peer copies under %s: %s", self.local_root, exc)
                 mine = {}
+            except Exception as exc:  # shared below: raised on every rank, never on this one alone
+                err = _portable(exc)
+        parts = _dist.all_gather((dom.index, err, mine), pg)
+        errors = [e for _, e, _ in parts if e is not None]
+        if errors:
+            raise errors[0]
         out: dict[int, set[int]] = {}
-        for holder, kept in _dist.all_gather((dom.index, mine), pg):
+        for holder, _, kept in parts:
             for node, steps in (kept or {}).items():
                 if node < n and _peer.peer_of(node, n) == holder:
                     out.setdefault(node, set()).update(steps)
@@ -1047,41 +1161,62 @@ class TieredCheckpointManager:
         """Before loading ``step`` (collective), with peer replication: a node that has no committed
         local copy of it gets its files back from its peer's copy, and a node that lost the copy it
         keeps for the previous node gets it again from that node (both sent over the process group,
-        checked on receipt, committed by the commit protocol). A failure is a warning: the ranks
-        concerned then read those files from the durable tier."""
+        checked on receipt, committed by the commit protocol). Only digests and file names are
+        gathered; one manifest is then broadcast from a node that holds it, and only when something
+        is to be restored. Each copy is restored on its own: one that fails (to prepare, to arrive,
+        to commit) is a warning, and the ranks concerned then read those files from the durable tier."""
         dom = self._start()
         n = len(dom.groups)
         if self._peer_group is None or n < 2:
             return
         lb = self._local.backend
         source = (dom.index - 1) % n
+        own_dir, kept_dir = self._local_path(step), self._peer_path(source, step)
+        found: dict[str, bytes] = {}  # this leader's manifests: they stay here unless chosen
 
-        def look() -> tuple[Any, ...]:
-            own: bytes | None = None
+        def look() -> tuple[str | None, list[str], str | None, list[str]]:
+            own_d: str | None = None
             own_names: list[str] = []
             try:
-                own = _read_manifest_bytes(lb, self._local_path(step))
+                own = _read_manifest_bytes(lb, own_dir)
                 if own is not None:
-                    own_names = sorted(x for x in lb.walk_files(self._local_path(step)) if x != MANIFEST_NAME)
-                own_d = None if own is None else _digest(own)
+                    own_names = sorted(x for x in lb.walk_files(own_dir) if x != MANIFEST_NAME)
+                    own_d, found["own"] = _digest(own), own
             except CheckpointError:
-                own, own_d = None, "damaged"
-            kept: bytes | None = None
+                own_d = "damaged"
+            kept_d: str | None = None
             names: list[str] = []
             try:
-                kept = _read_manifest_bytes(lb, self._peer_path(source, step))
+                kept = _read_manifest_bytes(lb, kept_dir)
                 if kept is not None:
-                    names = sorted(
-                        x for x in lb.walk_files(self._peer_path(source, step)) if x != MANIFEST_NAME
-                    )
+                    names = sorted(x for x in lb.walk_files(kept_dir) if x != MANIFEST_NAME)
+                    kept_d, found["kept"] = _digest(kept), kept
             except CheckpointError:
-                kept = None
-            return (own_d, own_names, kept, names, own)
+                kept_d, names = None, []
+            return (own_d, own_names, kept_d, names)
 
-        parts = _dist.all_gather((dom.index, look() if dom.is_leader else None), pg)
-        info = {d: v for d, v in parts if v is not None}
+        seen: Any = None
+        err: BaseException | None = None
+        if dom.is_leader:
+            try:
+                seen = look()
+            except Exception as exc:  # shared below: every rank gives up alike
+                err = _portable(exc)
+        parts = _dist.all_gather((dom.index, err, seen), pg)
+        errors = [e for _, e, _ in parts if e is not None]
+        if errors:
+            if dom.rank == 0:
+                log.warning(
+                    "step %d: cannot tell which nodes hold copies of it, not restoring from peers: %s",
+                    step,
+                    errors[0],
+                )
+            return
+        info: dict[int, tuple[str | None, list[str], str | None, list[str]]] = {
+            d: v for d, _, v in parts if v is not None
+        }
         digests = {v[0] for v in info.values() if v[0] not in (None, "damaged")} | {
-            _digest(v[2]) for v in info.values() if v[2] is not None
+            v[2] for v in info.values() if v[2] is not None
         }
         if len(digests) != 1:
             if len(digests) > 1 and dom.rank == 0:
@@ -1090,80 +1225,135 @@ class TieredCheckpointManager:
                 )
             return
         ref = next(iter(digests))
-        manifest: bytes = next(b for v in info.values() for b in (v[2], v[4]) if b is not None)
         # key 2*d: node d's local copy, from its peer's; key 2*h+1: the copy node h keeps, from its source
         lost = [
-            d
-            for d in range(n)
-            if info[d][0] in (None, "damaged") and info[_peer.peer_of(d, n)][2] is not None
+            d for d in range(n) if info[d][0] in (None, "damaged") and info[_peer.peer_of(d, n)][2] == ref
         ]
         unkept = [h for h in range(n) if info[h][2] is None and info[(h - 1) % n][0] == ref]
         if not lost and not unkept:
             return
+        # the manifest, from the first node that holds it, on every rank (only now: it may be large)
+        holder = min(d for d, v in info.items() if ref in (v[0], v[2]))
+        mine_m = None
+        if dom.index == holder and dom.is_leader:
+            mine_m = found["own"] if info[holder][0] == ref else found["kept"]
+        found.clear()
+        manifest: bytes = self._broadcast_from(holder, mine_m, pg)
         transfers: list[_peer.Transfer] = []
-        manifests: dict[int, bytes] = {}
-        for d in lost:
-            holder = _peer.peer_of(d, n)
-            names = info[holder][3]
-            manifests[2 * d] = manifest
+        try:  # the same bytes and names everywhere: the same outcome on every rank
             m = Manifest.from_bytes(manifest, f"step {step}")
-            files = [(x, int(m.files[x]["size"]), str(m.files[x].get("xxh3"))) for x in names if x in m.files]
-            transfers += _peer.plan(files, dom.groups[holder], dom.groups[d], self._peer_path(d, step), 2 * d)
-        for h in unkept:
-            d = (h - 1) % n
-            names = info[d][1]
-            manifests[2 * h + 1] = manifest
-            m = Manifest.from_bytes(manifest, f"step {step}")
-            files = [(x, int(m.files[x]["size"]), str(m.files[x].get("xxh3"))) for x in names if x in m.files]
-            transfers += _peer.plan(files, dom.groups[d], dom.groups[h], self._local_path(step), 2 * h + 1)
+
+            def files_of(names: list[str]) -> list[tuple[str, int, str]]:
+                return [
+                    (x, int(m.files[x]["size"]), str(m.files[x].get("xxh3"))) for x in names if x in m.files
+                ]
+
+            for d in lost:
+                h = _peer.peer_of(d, n)
+                transfers += _peer.plan(
+                    files_of(info[h][3]), dom.groups[h], dom.groups[d], self._peer_path(d, step), 2 * d
+                )
+            for h in unkept:
+                d = (h - 1) % n
+                transfers += _peer.plan(
+                    files_of(info[d][1]), dom.groups[d], dom.groups[h], self._local_path(step), 2 * h + 1
+                )
+        except Exception as exc:
+            if dom.rank == 0:
+                log.warning("step %d: not restoring it from peers: %s", step, exc)
+            return
         targets: dict[int, Target] = {}
 
-        def prepare() -> dict[int, str]:
-            wanted = {2 * dom.index: self._local_path(step)} if dom.index in lost else {}
-            if dom.index in unkept:
-                wanted[2 * dom.index + 1] = self._peer_path(source, step)
-            for key, final in wanted.items():
-                remove_leftovers(lb, final)
-                targets[key] = Target.prepare(lb, final, overwrite=True, what=lb.url(final))
-            return {key: t.data_dir for key, t in targets.items()}
+        def keys_of(d: int) -> list[int]:
+            """The copies node ``d`` receives."""
+            return ([2 * d] if d in lost else []) + ([2 * d + 1] if d in unkept else [])
 
+        def describe(key: int) -> str:
+            d = key // 2
+            return (
+                f"node {d}'s local copy" if key % 2 == 0 else f"the copy node {d} keeps of node {(d - 1) % n}"
+            )
+
+        def prepare() -> dict[int, tuple[str | None, BaseException | None]]:
+            wanted = {2 * dom.index: own_dir} if dom.index in lost else {}
+            if dom.index in unkept:
+                wanted[2 * dom.index + 1] = kept_dir
+            out: dict[int, tuple[str | None, BaseException | None]] = {}
+            for key, final in wanted.items():
+                try:
+                    with self._local._lock:
+                        deleting = final in self._local._deleting
+                    if deleting:
+                        raise ConcurrentWriteError(f"{lb.url(final)} is being deleted by local retention")
+                    self._clear_uncommitted(final, lb.url(final))
+                    targets[key] = Target.prepare(lb, final, overwrite=True, what=lb.url(final))
+                    out[key] = (targets[key].data_dir, None)
+                except Exception as exc:
+                    out[key] = (None, _portable(exc))
+            return out
+
+        failures: dict[int, BaseException] = {}
+        damaged: set[int] = set()
         try:
-            dirs: dict[int, str] = self._on_leaders(prepare, pg, share=True) or {}
+            prepared, refused = self._each_leader(prepare, pg)
+            for d, e in refused.items():
+                failures.update({k: e for k in keys_of(d)})
+            for res in prepared.values():
+                failures.update({k: e for k, (_, e) in res.items() if e is not None})
+            transfers = [t for t in transfers if t.key not in failures]  # the same on every rank
+            dirs = {k: p for k, (p, _) in prepared.get(dom.index, {}).items() if p is not None}
             mine = _peer.exchange(lb, transfers, dom.rank, dirs, self._peer_group)
-            bad: dict[int, BaseException] = {}
             for part in _dist.all_gather({k: _portable(e) for k, e in mine.items()}, pg):
                 for key, e in part.items():
-                    bad.setdefault(key, e)
+                    damaged.add(key)
+                    failures.setdefault(key, e)
 
-            def commit() -> None:
-                for key in list(targets):
+            def commit() -> dict[int, BaseException]:
+                errs: dict[int, BaseException] = {}
+                for key in sorted(targets):
                     target = targets.pop(key)  # from here on, aborted (or committed) here
-                    if key in bad:
+                    if key in failures:
                         target.abort()
                         continue
                     try:
-                        target.check_files({t.name: {"size": t.size} for t in transfers if t.key == key})
-                    except BaseException:
-                        target.abort()
-                        raise
-                    target.commit(manifests[key])  # aborts itself on failure
+                        try:
+                            target.check_files({t.name: {"size": t.size} for t in transfers if t.key == key})
+                        except BaseException:
+                            target.abort()
+                            raise
+                        target.commit(manifest)  # aborts itself on failure
+                    except Exception as exc:
+                        errs[key] = _portable(exc)
+                return errs
 
-            self._on_leaders(commit, pg)
-        except Exception as exc:
+            committed, unsaved = self._each_leader(commit, pg)
+            for errs in committed.values():
+                for key, e in errs.items():
+                    failures.setdefault(key, e)
+            for d, e in unsaved.items():
+                failures.update({k: e for k in keys_of(d) if k not in failures})
+        except Exception as exc:  # a collective failed: nothing restored is trusted
+            failures = {k: exc for d in range(n) for k in keys_of(d)}
+        finally:
             for target in targets.values():
                 if not target.committed:
                     target.abort()
-            if dom.rank == 0:
-                log.warning("step %d: restoring from the peer copies failed: %s", step, exc)
-            return
+        if failures and dom.rank == 0:
+            log.warning(
+                "step %d: restoring from the peer copies failed for %s",
+                step,
+                "; ".join(f"{describe(k)}: {e}" for k, e in sorted(failures.items(), key=lambda x: x[0])),
+            )
         if dom.index in lost:  # said by the ranks concerned
-            if 2 * dom.index in bad:
+            key = 2 * dom.index
+            if key in failures:
                 log.warning(
-                    "rank %d: the peer copy of step %d is damaged (%s): reading this node's files from "
-                    "the durable tier",
+                    "rank %d: %s (%s): reading this node's files from the durable tier",
                     dom.rank,
-                    step,
-                    bad[2 * dom.index],
+                    f"the peer copy of step {step} is damaged"
+                    if key in damaged
+                    else f"this node's files of step {step} could not be restored from its peer's copy",
+                    failures[key],
                 )
             elif dom.is_leader:
                 log.info("step %d: this node's files were restored from its peer's copy", step)
@@ -1402,6 +1592,7 @@ class TieredCheckpointManager:
         strict: bool = True,
         verify: bool = True,
         init_from: str | os.PathLike[str] | None = None,
+        source_storage_options: dict[str, Any] | None = None,
         **format_options: Any,
     ) -> LoadResult:
         """Load ``step`` (default: the newest restorable one) into ``state`` in place.
@@ -1416,18 +1607,25 @@ class TieredCheckpointManager:
         checkpoint outside the run (a Hugging Face directory, ``hf-cache://org/name``), and
         ``init_from`` is loaded when the run has no restorable step yet; such a load reads the
         source directly (no tier), returns a plain :class:`~ckptio.LoadResult` with ``step=None``
-        and takes ``format_options`` (``dtype_policy``...). The run's own steps take none.
+        and takes ``format_options`` (``dtype_policy``...) and ``source_storage_options``. The
+        run's own steps take none (with ``init_from``, the options are ``init_from``'s and are
+        dropped once the run has a step, so the same call serves every launch); a path
+        to one of them (``<root>/step_N`` or ``<local>/step_N``) loads that step as ``step=N`` does.
         """
         if self._closed:
             raise CheckpointError("this TieredCheckpointManager is closed")
         source = foreign_source(step)
+        own = None if source is None else self._own_step(source)
+        if own is not None:  # the run's own step by its path: a resume, with retention's protection
+            step, source = own, None
         where = "TieredCheckpointManager.load"
+        named = source if source is not None else (os.fspath(init_from) if init_from is not None else None)
         check_call_options(
-            format_options, _LOAD_OWN, "load", parse_url(source).format if source else None, where
+            format_options, _LOAD_OWN, "load", parse_url(named).format if named else None, where
         )
         self.wait()
         if source is not None:
-            return self._load_foreign(state, source, strict, verify, format_options)
+            return self._load_foreign(state, source, strict, verify, format_options, source_storage_options)
         pg = self.process_group
         self._start()
         views = self._local_views(pg)
@@ -1441,7 +1639,11 @@ class TieredCheckpointManager:
             if not candidates and init_from is not None:
                 if _dist.rank_and_size(pg)[0] == 0:
                     log.info("no restorable checkpoint of %s yet: loading init_from=%s", self.root, init_from)
-                return self._load_foreign(state, init_from, strict, verify, format_options)
+                return self._load_foreign(
+                    state, init_from, strict, verify, format_options, source_storage_options
+                )
+            if init_from is not None:  # the options were init_from's: the run's step loads as saved
+                format_options = {}
             if not candidates:
                 raise CheckpointNotFoundError(
                     f"no committed checkpoint on the local tier {self.local_root} or the durable tier {self.root}"
@@ -1465,7 +1667,8 @@ class TieredCheckpointManager:
             raise ValueError(f"step={step!r}: expected an int or 'latest'")
         if format_options:
             raise OptionError(
-                f"{where}: {', '.join(sorted(format_options))} apply only to a source outside the run "
+                f"{where}: {', '.join(sorted(format_options))} "
+                f"{'applies' if len(format_options) == 1 else 'apply'} only to a source outside the run "
                 "(step=<path or URL>, or init_from= while the run has no step); its own steps load as saved"
             )
         for i, s in enumerate(order):
@@ -1489,6 +1692,23 @@ class TieredCheckpointManager:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _own_step(self, source: str) -> int | None:
+        """The step of this run that ``source`` names: ``<root>/step_N`` on the durable tier or
+        ``<local>/step_N`` on the local tier (canonical step names only), else ``None``."""
+        u = parse_url(source)
+
+        def real(p: str) -> str:
+            return os.path.realpath(p) if u.scheme == "file" else p
+
+        for root in (self.root, self.local_root):
+            if u.scheme != root.scheme or u.format not in (None, root.format):
+                continue
+            parent, _, name = real(u.path).rstrip("/").rpartition("/")
+            step = _parse_step_dir(name)
+            if step is not None and parent == real(root.path).rstrip("/"):
+                return step
+        return None
+
     def _load_foreign(
         self,
         state: dict[str, Any],
@@ -1496,12 +1716,14 @@ class TieredCheckpointManager:
         strict: bool,
         verify: bool,
         format_options: dict[str, Any],
+        source_storage_options: dict[str, Any] | None,
     ) -> LoadResult:
         return load_foreign(
             state,
             source,
             root=self.root,
             storage_options=self._durable.storage_options,
+            source_storage_options=source_storage_options,
             process_group=self.process_group,
             addons=AddonSet(),  # the tiered manager runs no addons
             strict=strict,
