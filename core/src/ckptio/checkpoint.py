@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint.stateful import Stateful
@@ -145,7 +146,9 @@ def expand_state(state: dict[str, Any], rank: int) -> dict[str, Any]:
         raise CheckpointError(f"state must be a dict, got {type(state).__name__}")
     out: dict[str, Any] = {}
     for key, value in state.items():
-        if isinstance(value, RNGState):
+        if isinstance(value, torch.Tensor):  # the common case first: the Stateful check is slow (a Protocol)
+            out[key] = value
+        elif isinstance(value, RNGState):
             out[key] = {f"rank{rank}": value.state_dict()}
         elif isinstance(value, PerRank):
             inner = value.value
@@ -161,7 +164,9 @@ def restore_state(state: dict[str, Any], expanded: dict[str, Any], rank: int) ->
     """Hand loaded values back: ``load_state_dict`` for Stateful values, assignment otherwise."""
     for key, value in state.items():
         loaded = expanded.get(key)
-        if isinstance(value, RNGState):
+        if isinstance(value, torch.Tensor):
+            state[key] = loaded
+        elif isinstance(value, RNGState):
             value.load_state_dict(loaded[f"rank{rank}"])  # type: ignore[index]
         elif isinstance(value, PerRank):
             sub = loaded.get(f"rank{rank}") if isinstance(loaded, dict) else None

@@ -79,13 +79,21 @@ MAX_DEFAULT_WRITE_THREADS = 4
 #: a cold disk leaves its core to another), at most this many.
 MAX_DEFAULT_READ_THREADS = 8
 READ_THREADS_PER_CORE = 2.0
-#: Verified local reads and all writes of a block go in pieces of this size, each hashed right
-#: before it is written or right after it lands in the destination, while it is still in the CPU
-#: cache (a whole block is not: hashing it afterwards reads it from memory a second time).
+#: Writes of a block go in pieces of this size, each hashed right before it is written, while it
+#: is still in the CPU cache (a whole block is not: hashing it apart reads it from memory twice).
 PIECE = 512 << 10
+#: Local reads go in ``preadv`` calls of this size, each part (when verified) hashed as soon as it
+#: lands, while in the last-level cache. Fewer, larger calls cost less CPU than parts that fit in
+#: L2; on a cold disk, calls of a whole block (16 MiB) each wait for all their I/O, while the
+#: kernel's readahead keeps ahead of 1 MiB calls (measured: 10-20% faster cold loads).
+READ_PIECE = 1 << 20
 #: Checksums cover blocks of this size, so big tensors are read and verified in parallel pieces,
 #: each hashed while it is still in the CPU cache.
 BLOCK = 16 << 20
+#: On a local file system, while DCP plans a load, the kernel is asked to start reading this many
+#: bytes at the start of each reader thread's share (``posix_fadvise(WILLNEED)``), so a cold disk
+#: is busy before the first read is issued (see :meth:`NativeReader.bind_state`).
+PREFETCH = 2 * BLOCK
 _MAX_DIM = 1 << 62
 _INT = {int}
 _STR = {str}
@@ -371,7 +379,8 @@ def _metadata_from_json(
                 f"{where}: chunks of {fqn!r} hold {covered} elements, the tensor has {total} "
                 "(they overlap or leave a gap)"
             )
-        problem = tiling_problem(size, boxes.items()) if total else None
+        # one chunk holding all ``total`` elements inside the tensor is the whole tensor
+        problem = tiling_problem(size, boxes.items()) if total and len(boxes) > 1 else None
         if problem:
             raise CorruptCheckpointError(f"{where}: chunks of {fqn!r} {problem}")
         chunk_sizes[fqn] = boxes
@@ -650,6 +659,7 @@ class NativeReader(FormatReader):
         self._progress = progress
         self._bar = Progress(0, "", enable=False)
         self._files: _OpenFiles | None = None  # during ``read_data`` on local file systems
+        self._prefetching: list[concurrent.futures.Future[None]] = []  # see ``bind_state``
         # Declared sizes are made true before anything sized from the metadata is allocated (by
         # one rank for all files; every rank checks the files it reads in ``read_data``).
         # Not in ``read_metadata``: DCP turns any error raised there into an AssertionError.
@@ -659,6 +669,36 @@ class NativeReader(FormatReader):
         self._sizes = FileSizeChecker(backend, path, manifest.files, threads=size_threads)
         if is_first_rank():
             self._sizes.check(e.file for e in self.entries.values())
+
+    def bind_state(self, state: dict[str, Any], expanded: dict[str, Any]) -> None:
+        """Called by ckptio with the state before DCP plans (which takes a few ms per hundred
+        tensors): on a local file system, in a single-process load, ask the kernel to start
+        reading the head of each reader thread's share of the chunks the state asks for
+        (:data:`PREFETCH` bytes each), so a cold disk works while DCP plans. Only a hint: the
+        files are opened as every read opens them (no links, regular files only), nothing is
+        read into memory here, and any failure is ignored."""
+        if not self._local or self.thread_count < 2 or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                return  # each rank reads a part of the chunks: the plan says which
+            wanted = _wanted_entries(self.entries.values(), expanded)
+            spans = _share_heads(wanted, self.thread_count, PREFETCH, self.manifest.files)
+            if not spans:
+                return
+            pool = _read_pool(self.thread_count)
+            self._prefetching = [
+                pool.submit(self._prefetch, self.backend.join(self.path, name), start, length)
+                for name, start, length in spans
+            ]
+        except Exception:  # a hint: never a reason to fail a load
+            return
+
+    def _prefetch(self, fpath: str, start: int, length: int) -> None:
+        with contextlib.suppress(Exception), self.backend.open_read(fpath) as f:
+            os.posix_fadvise(f.fileno(), start, length, os.POSIX_FADV_WILLNEED)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
         """Read every item; chunks that land whole in a contiguous destination are read straight
@@ -704,6 +744,9 @@ class NativeReader(FormatReader):
             if self._files is not None:
                 self._files.close()
                 self._files = None
+            if self._prefetching:  # long done, as a rule: none outlives the load
+                concurrent.futures.wait(self._prefetching)
+                self._prefetching = []
         for req, dst in direct:
             planner.commit_tensor(req, dst)
         fut: torch.futures.Future[None] = torch.futures.Future()
@@ -733,7 +776,7 @@ class NativeReader(FormatReader):
         """Read ``piece`` from chunk ``e`` at byte ``off`` (a multiple of :data:`BLOCK`), verified.
 
         On a local file system the block is read with ``preadv`` straight into ``piece``, in
-        :data:`PIECE`-sized parts each hashed as soon as it lands, while it is still in the CPU
+        :data:`READ_PIECE`-sized parts each hashed as soon as it lands, while it is still in the CPU
         cache; elsewhere through :meth:`Backend.read_into`, then hashed."""
         k = off // BLOCK
         fpath = self.backend.join(self.path, e.file)
@@ -832,6 +875,9 @@ class _OpenFiles:
         with self._lock:
             self._open[id(stack)] = stack
         self._tls.cur = (fpath, fd, stack)
+        if _FADV_SEQUENTIAL is not None:  # each thread reads its share front to back: a readahead
+            with contextlib.suppress(OSError):  # window twice the default keeps a cold disk busier
+                os.posix_fadvise(fd, 0, 0, _FADV_SEQUENTIAL)
         return int(fd)
 
     def _drop(self, stack: contextlib.ExitStack) -> None:
@@ -846,16 +892,63 @@ class _OpenFiles:
             stack.close()
 
 
+_FADV_SEQUENTIAL: int | None = getattr(os, "POSIX_FADV_SEQUENTIAL", None)
+
+
+def _wanted_entries(entries: Iterable[_Entry], expanded: dict[str, Any]) -> list[_Entry]:
+    """The entries that a load of the state ``expanded`` reads, sorted by file and position: those
+    whose name is a key of ``expanded``, or lies under one (DCP names ``{"model": {"w": t}}``'s
+    tensor ``model.w``)."""
+    keys = set(expanded)
+    out = []
+    for e in entries:
+        name = e.fqn
+        if name in keys:
+            out.append(e)
+            continue
+        dot = name.find(".")
+        while dot > 0:
+            if name[:dot] in keys:
+                out.append(e)
+                break
+            dot = name.find(".", dot + 1)
+    return _sorted_entries(out)
+
+
+def _share_heads(
+    ordered: list[_Entry], n: int, length: int, files: dict[str, dict[str, Any]]
+) -> list[tuple[str, int, int]]:
+    """``(file, start, bytes)`` of the first ``length`` bytes of each of the ``n`` shares that
+    :func:`_run_on` cuts ``ordered`` into (about equal bytes, in file order), each span kept
+    inside its file's declared size."""
+    total = sum(e.length for e in ordered)
+    heads: list[tuple[str, int]] = []
+    done = 0
+    for e in ordered:
+        for off in range(0, e.length, BLOCK):  # shares are cut between blocks, as reads are
+            if not heads or (done >= total * len(heads) / n and len(heads) < n):
+                heads.append((e.file, e.pos + off))
+            done += min(BLOCK, e.length - off)
+    spans = []
+    for name, start in heads:
+        info = files.get(name)
+        size = info.get("size") if isinstance(info, dict) else None
+        if type(size) is int and size > start:
+            spans.append((name, start, min(length, size - start)))
+    return spans
+
+
 def _pread_hashed(
     backend: Backend, fd: int, fpath: str, start: int, out: memoryview, hashing: bool
 ) -> str | None:
-    """Fill ``out`` from ``fd`` at ``start``; when ``hashing``, in :data:`PIECE`-sized ``preadv``
-    calls, each part hashed right after it lands (still in cache), and return the xxh3-64 of ``out``.
+    """Fill ``out`` from ``fd`` at ``start`` in :data:`READ_PIECE`-sized ``preadv`` calls; when
+    ``hashing``, each part is hashed right after it lands (still in cache), and the xxh3-64 of
+    ``out`` is returned.
     An ``OSError`` is left to :meth:`Backend.read_into` to retry or report in the backend's terms;
     a file that ends early is damage."""
     h = xxhash.xxh3_64() if hashing else None
     n = len(out)
-    step = PIECE if hashing else n  # unverified: nothing to keep in cache, one call per block
+    step = READ_PIECE  # unverified too: a cold disk's readahead keeps ahead of 1 MiB calls, not 16
     done = 0
     while done < n:
         try:
