@@ -306,3 +306,44 @@ def test_peer_receive_refuses_escaping_names(tmp_path: Path) -> None:
         assert _recv_all(backend, fine, {7: str(tmp_path / "in")}, None) == {}
     assert not (tmp_path / "escaped.bin").exists() and not (tmp_path / "abs.bin").exists()
     assert (tmp_path / "in" / "sub" / "fine.bin").exists()
+
+
+def test_peer_copies_follow_retention_while_local_deletions_lag(tmp_path: Path) -> None:
+    """Local retention deletes in the background: a step it dropped is still listed until its
+    thread gets there. The peer copies of that step go at once all the same (the CI failure of
+    stop 19: a slow deleter left node 0's copy of step 1 behind), and retention applied twice
+    meanwhile queues the step once."""
+    import threading
+
+    from ckptio.retention import KeepLatest
+
+    from tests.tiered._states import make_state
+
+    peers = tmp_path / "l" / "peers" / "node_00001"
+    release = threading.Event()
+    queued: list[str] = []
+    with TieredCheckpointManager(
+        str(tmp_path / "d"), local=str(tmp_path / "l"), peer_replication=True, local_retention=KeepLatest(2)
+    ) as mgr:
+        local = mgr._local
+        delete = local._delete_path
+
+        def slow_delete(path: str) -> None:
+            queued.append(path)
+            release.wait(30)
+            delete(path)
+
+        local._delete_path = slow_delete  # type: ignore[method-assign]
+        for step in (1, 2, 3):
+            if step == 3:  # committed copies this node keeps of node 1's files of steps 1 to 3
+                for s in (1, 2, 3):
+                    (peers / f"step_{s:08d}").mkdir(parents=True)
+                    (peers / f"step_{s:08d}" / "manifest.json").write_bytes(b"{}")
+            mgr.save(step, make_state(step, 0, 1))
+            mgr.wait(durable=True)
+        assert (tmp_path / "l" / "step_00000001" / "manifest.json").exists()  # still being deleted
+        assert sorted(p.name for p in peers.iterdir()) == ["step_00000002", "step_00000003"]
+        mgr._retain(local, "local")  # again, with step 1's deletion still pending
+        release.set()
+    assert [Path(p).name for p in queued] == ["step_00000001"]
+    assert not (tmp_path / "l" / "step_00000001").exists()

@@ -477,14 +477,23 @@ class CheckpointManager:
             protected.add(self.resumed_from)
         return protected
 
-    def _apply_retention(self) -> None:
-        steps = self.steps()
+    def _apply_retention(self) -> set[int]:
+        """Queue the deletion of the committed steps the policy drops; returns the ones it keeps.
+
+        Steps already queued for deletion are neither candidates nor kept: their manifests may
+        still be on disk, but a caller pruning what goes with them (the tiered manager's peer
+        copies) must not read them as kept, and two threads applying retention at once must not
+        queue one step twice."""
+        with self._lock:
+            deleting = set(self._deleting)
+        steps = [s for s in self.steps() if self._step_path(s) not in deleting]
         infos = [StepInfo(s, self.metrics(s)) for s in steps]
         keep = self.retention.keep(infos) | self.protected_steps(steps)
         for s in steps:
             if s not in keep:
                 self._delete_in_background(self._step_path(s))
                 self._metrics_cache.pop(s, None)
+        return keep & set(steps)
 
     def _delete_in_background(self, path: str) -> None:
         if self._deleter_thread is None or not self._deleter_thread.is_alive():

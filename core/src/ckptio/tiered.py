@@ -927,9 +927,9 @@ class TieredCheckpointManager:
 
     def _retain(self, mgr: CheckpointManager, tier: str) -> None:
         try:
-            mgr._apply_retention()
+            kept = mgr._apply_retention()
             if mgr is self._local and self.peer_replication:
-                self._prune_peers()
+                self._prune_peers(kept)
         except Exception as exc:  # retention never stops training
             log.warning("retention on the %s tier %s failed: %s", tier, mgr.root, exc)
 
@@ -986,11 +986,13 @@ class TieredCheckpointManager:
         lb.remove(lb.join(final, MANIFEST_NAME))
         lb.remove(final, recursive=True)
 
-    def _prune_peers(self) -> None:
+    def _prune_peers(self, kept: set[int]) -> None:
         """A node's leader, after local retention: drop the peer copies of the steps this node no
-        longer keeps itself (nor protects), and what dead replications left (staging, leases,
-        copies without a manifest, whatever their step; a live replication's lease keeps its own)."""
-        keep = set(self._local.steps()) | self._local_protected()
+        longer keeps itself (``kept``: what retention kept, not what is still listed, since its
+        deletions run in the background) nor protects, and what dead replications left (staging,
+        leases, copies without a manifest, whatever their step; a live replication's lease keeps
+        its own)."""
+        keep = kept | self._local_protected()
         lb = self._local.backend
         for node in self._peer_nodes():
             found: set[int] = set()  # steps with a copy, or leftovers (staging, leases), here
