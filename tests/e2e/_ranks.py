@@ -11,7 +11,8 @@ Reusable by every multi-rank test::
     results = run_ranks(body, 2, args=(str(tmp_path),))       # [result of rank 0, result of rank 1]
 
 Each rank gets ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``, joins
-``init_process_group("gloo")`` and always leaves with ``destroy_process_group()``. A rank that
+``init_process_group("gloo")``, always leaves with ``destroy_process_group()``, then exits
+without finalising the interpreter (:func:`exit_without_finalizing`: a race in torch). A rank that
 raises makes :func:`run_ranks` raise (with the rank's traceback); ranks still alive past
 ``timeout`` are killed by their process id and :class:`RankTimeout` is raised, so a hung
 collective fails the test instead of hanging the suite.
@@ -24,11 +25,12 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -43,6 +45,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def exit_without_finalizing() -> NoReturn:
+    """End a rank process whose work is done (its result written) without finalising the
+    interpreter.
+
+    A gloo worker thread that finished the last collective a moment ago may still be destroying
+    its work, whose tensors have Python references: that needs the GIL, and a thread taking the
+    GIL while the interpreter finalises is unwound through C++ code that cannot be unwound, so
+    the rank aborts ("terminate called without an active exception", SIGABRT; the core shows
+    ``ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> decref_pyobject -> take_gil ->
+    pthread_exit``). A race in torch, not in the code under test (pytorch/pytorch#179291); it
+    failed about one run in ten of a two-rank test here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _rank_main(
@@ -64,7 +82,9 @@ def _rank_main(
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    # a hung collective prints every thread's stack before the parent kills the rank
+    # a crash (SIGABRT, SIGSEGV) prints every Python thread's stack, and a hung collective
+    # prints them before the parent kills the rank
+    faulthandler.enable(all_threads=True)
     faulthandler.dump_traceback_later(max(1.0, timeout - 10), exit=False)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     try:
@@ -73,6 +93,7 @@ def _rank_main(
         dist.destroy_process_group()
     with open(os.path.join(result_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)  # test harness only: results of our own code, never checkpoint data
+    exit_without_finalizing()
 
 
 def run_ranks(
