@@ -314,9 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             "the load into a model built beforehand). Extra RSS = peak RSS (`ru_maxrss`) - RSS before the timed "
             "region - the fp32 model's bytes: what filling the model costs beyond the model itself. "
             "`from_pretrained` reads through mmap, so the shards' pages count in its RSS; ckptio reads with "
-            "`preadv` straight into the model's memory and widens bf16 to fp32 in place (8 MiB buffer per reader "
-            "thread for the last block of each tensor; tensors over 64 MiB in 32 MiB bands of rows, one reader "
-            "thread each), while background threads map the fresh model pages (`MADV_POPULATE_WRITE`); a directory "
+            "`preadv` into a reused 1 MiB buffer per reader thread and casts each band into the model's memory "
+            "(tensors over 64 MiB in 32 MiB bands of rows, one reader thread each), while background threads map the fresh model pages (`MADV_POPULATE_WRITE`); a directory "
             "whose names and shapes already are the model's skips building transformers' conversion mapping. "
             "NeMo-style holds the whole bf16 state dict before copying it in.",
         ]

@@ -35,7 +35,7 @@ def test_widening_split_into_bands_is_exact(
 ) -> None:
     import ckptio_safetensors.format as fmt
 
-    monkeypatch.setattr(fmt, "CAST_BAND_BYTES", 1000)  # the in-place widening's blocks, within a band
+    monkeypatch.setattr(fmt, "CAST_BAND_BYTES", 1000)  # several read-and-cast bands within a task
     src = torch.randn(rows, 37, dtype=torch.float64)
     save_file(
         {"x": src.to(torch.bfloat16), "y": src[0].to(torch.float16)}, str(tmp_path / "model.safetensors")
