@@ -49,8 +49,7 @@ from .formats.base import (
     tensor_entries,
 )
 from .formats.native import BLOCK as CHECKSUM_BLOCK
-from .formats.native import _split_by_size as split_by_size
-from .formats.native import metadata_from_json, metadata_to_json, tiling_problem
+from .formats.native import metadata_from_json, metadata_to_json, split_by_size, tiling_problem
 from .gather import full_tensor
 from .hookspecs import hookimpl
 from .manifest import Manifest

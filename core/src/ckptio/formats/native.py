@@ -161,7 +161,7 @@ class NativeWriter(FormatWriter):
         n_threads = resolve_thread_count(
             getattr(self.options, "thread_count", None), MAX_DEFAULT_WRITE_THREADS
         )
-        buckets = _split_by_size(items, n_threads)
+        buckets = split_by_size(items, n_threads)
         names = [self.file_name(f"{prefix}_{k}.bin") for k in range(len(buckets))]
         total = sum(_item_size(it) for it in items)
         self._bar = Progress(total, "ckptio save", enable=self.progress, delay=2.0)
@@ -235,7 +235,7 @@ def _item_size(it: WriteItem) -> int:
     return math.prod(it.tensor_data.size) * it.tensor_data.properties.dtype.itemsize
 
 
-def _split_by_size(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
+def split_by_size(items: list[WriteItem], n: int) -> list[list[WriteItem]]:
     """Greedy balance of items over ``n`` files by byte size (largest first)."""
     size = _item_size
 
