@@ -65,9 +65,7 @@ from .checkpoint import (
     run_dcp_save,
 )
 from .commit import Target, new_token, parse_leftover, recover, remove_leftovers
-from .copying import COPY_CHUNK
-from .copying import check_digest as _check_digest
-from .copying import stream_file as _stream_file
+from .copying import COPY_CHUNK, check_digest, stream_file
 from .errors import (
     AsyncSaveError,
     CheckpointError,
@@ -76,7 +74,7 @@ from .errors import (
     CorruptCheckpointError,
     OptionError,
 )
-from .manager import _LOAD_OWN, LATEST_NAME, CheckpointManager, foreign_source, load_foreign, step_name
+from .manager import LATEST_NAME, CheckpointManager, foreign_source, load_foreign, step_name
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from .options import declared_keywords
 from .plugins import get_format
@@ -454,8 +452,8 @@ class _NoBar:
 def _upload_one(loc: Located, name: str, info: dict[str, Any], dst: Backend, data_dir: str) -> int:
     """Copy one file of a local step into the durable staging location, checking its size and
     its whole-file checksum (recorded when the step was committed locally)."""
-    n, digest = _stream_file(loc, name, info, dst, data_dir, _NoBar())
-    _check_digest(loc, name, info, digest)
+    n, digest = stream_file(loc, name, info, dst, data_dir, _NoBar())
+    check_digest(loc, name, info, digest)
     return n
 
 
@@ -662,6 +660,21 @@ class TieredCheckpointManager:
         (``share``), and a failure on any leader is raised on every rank."""
         dom = self._domains
         assert dom is not None
+        err, out, parts = self._gather_leaders(fn, pg, share)
+        if err is not None:
+            raise err
+        errors = [e for e, _ in parts if e is not None]
+        if errors:
+            raise errors[0]
+        return parts[dom.leader][1] if share else out
+
+    def _gather_leaders(
+        self, fn: Callable[[], T], pg: Any, share: bool
+    ) -> tuple[BaseException | None, Any, list[tuple[BaseException | None, Any]]]:
+        """Run ``fn`` on each node's leading rank (collective): this rank's own error and result,
+        and every rank's ``(portable error, result if share)``."""
+        dom = self._domains
+        assert dom is not None
         out: Any = None
         err: BaseException | None = None
         if dom.is_leader:
@@ -670,12 +683,7 @@ class TieredCheckpointManager:
             except Exception as exc:
                 err = exc
         parts = _dist.all_gather((None if err is None else _portable(err), out if share else None), pg)
-        if err is not None:
-            raise err
-        errors = [e for e, _ in parts if e is not None]
-        if errors:
-            raise errors[0]
-        return parts[dom.leader][1] if share else out
+        return err, out, parts
 
     def _start(self) -> _Domains:
         """Find which ranks share a local directory (once; collective)."""
@@ -1019,17 +1027,11 @@ class TieredCheckpointManager:
         values every rank holds, so all ranks take the same branch."""
         dom = self._domains
         assert dom is not None
-        out: Any = None
-        err: BaseException | None = None
-        if dom.is_leader:
-            try:
-                out = fn()
-            except Exception as exc:
-                err = _portable(exc)
+        _, _, parts = self._gather_leaders(fn, pg, share=True)
         leaders = {g[0]: d for d, g in enumerate(dom.groups)}
         results: dict[int, T] = {}
         failed: dict[int, BaseException] = {}
-        for r, (e, o) in enumerate(_dist.all_gather((err, out), pg)):
+        for r, (e, o) in enumerate(parts):
             if r in leaders:
                 if e is not None:
                     failed[leaders[r]] = e
@@ -1623,7 +1625,7 @@ class TieredCheckpointManager:
         where = "TieredCheckpointManager.load"
         named = source if source is not None else (os.fspath(init_from) if init_from is not None else None)
         check_call_options(
-            format_options, _LOAD_OWN, "load", parse_url(named).format if named else None, where
+            format_options, _TIERED_LOAD_OWN, "load", parse_url(named).format if named else None, where
         )
         self.wait()
         if source is not None:
@@ -2032,3 +2034,7 @@ def describe_tiers(
     finally:
         local_mgr.close()
         durable.close()
+
+
+# the keywords load() itself declares: never taken for format options
+_TIERED_LOAD_OWN = declared_keywords(TieredCheckpointManager.load)
