@@ -122,8 +122,18 @@ def test_tied_llama_export_still_drops_the_alias(tmp_path: Path) -> None:
 def _fsdp_export(rank: int, world: int, kind: str, root: str, source: str) -> dict[str, Any]:
     """On each rank: the trained model, FSDP2-sharded (experts split across ranks), saved as the
     final step with the consolidated-hf addon."""
+    import ckptio_safetensors.consolidation as consolidation
     from torch.distributed.fsdp import fully_shard
 
+    checked: list[str] = []  # the tensors whose stored chunks this rank checks whole
+    verify_cut = consolidation.verify_cut
+
+    def record(src: Any, names: Any) -> None:
+        names = list(names)
+        checked.extend(names)
+        verify_cut(src, names)
+
+    consolidation.verify_cut = record
     model = _trained(kind)
     expected = logits(model, VOCAB[kind])
     for layer in model.model.layers:
@@ -131,7 +141,7 @@ def _fsdp_export(rank: int, world: int, kind: str, root: str, source: str) -> di
     fully_shard(model)
     with ckptio.CheckpointManager(root, addons=[("consolidated-hf", {"source": source})]) as mgr:
         mgr.save(1, {"model": ckptio.ModelState(model)}, final=True)
-    return {"expected": expected}
+    return {"expected": expected, "checked": checked}
 
 
 @pytest.mark.parametrize("source", ["memory", "checkpoint"])
@@ -144,3 +154,7 @@ def test_fsdp2_two_ranks_export_per_expert(tmp_path: Path, source: str) -> None:
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
     ref = reference(out, torch.float32)
     assert torch.equal(logits(ref, VOCAB[kind]), results[0]["expected"])
+    if source == "checkpoint":  # each rank checks the chunks of its own files only, and all are checked
+        first, second = (set(r["checked"]) for r in results)
+        assert not first & second, first & second
+        assert first | second == _stored_names(out)

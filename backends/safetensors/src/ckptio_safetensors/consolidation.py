@@ -54,7 +54,7 @@ from ckptio.ext import (
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ._header import HeaderEntry, encode_header, layout, read_header
-from .conversion import hf_source_view
+from .conversion import hf_source_view, verify_cut
 from .format import Chunk, foreign_metadata, hf_files, manifest_metadata
 from .hf import (
     HF_METADATA,
@@ -84,6 +84,9 @@ class Source:
     tensors: dict[str, SourceTensor]
     #: checksums of native-format chunks (one per block, or one string in older checkpoints)
     native_hashes: dict[tuple[str, tuple[int, ...] | None], Any] = field(default_factory=dict)
+    #: per tensor, the stored chunks it is cut from, to be checked whole before it is assembled
+    #: (set by :func:`~ckptio_safetensors.conversion.hf_source_view`)
+    cut: dict[str, dict[tuple[str, tuple[int, ...] | None], Any]] = field(default_factory=dict)
 
 
 def _open_source(
@@ -442,9 +445,7 @@ def consolidate(
                 CONFIG_NAME,
             )
     # the config's transformers conversion, reversed (fused MoE experts -> one tensor each on disk)
-    src = hf_source_view(
-        src, conversion if conversion is not None else meta_files.get(CONFIG_NAME), verify=verify
-    )
+    src = hf_source_view(src, conversion if conversion is not None else meta_files.get(CONFIG_NAME))
     dtypes = reference_dtypes(dtype_reference, storage_options) if dtype_reference else None
     ref_map = None
     if reference_index is not None:
@@ -488,6 +489,8 @@ def consolidate(
     bar = _progress(total, progress and rank == 0, du)
     error: str | None = None
     try:
+        if verify:  # the stored chunks this rank's tensors are cut from, whole, before any is written
+            verify_cut(src, (n for _, names in mine for n in names))
         assemble = _Assembler(src, verify)
         n_workers = max(1, int(workers))
         largest = max((assemble.source_nbytes(n) for n in src.tensors), default=0)

@@ -514,12 +514,13 @@ def _gather(
     return out
 
 
-def hf_source_view(src: Any, model: Any, *, verify: bool = True) -> Any:
+def hf_source_view(src: Any, model: Any) -> Any:
     """A consolidation source (``consolidation.Source``) seen with on-disk names: each exported
     tensor is made of byte ranges of the stored chunks of the in-memory tensors it comes from, so
-    ``consolidate`` assembles one expert at a time, reading only its bytes. With ``verify`` the
-    stored chunks cut that way are checked whole first (one streaming pass over them), since a
-    part of a chunk cannot be checked against the chunk's checksum."""
+    ``consolidate`` assembles one expert at a time, reading only its bytes. A part of a chunk
+    cannot be checked against the chunk's checksum: the view's ``cut`` names, per exported
+    tensor, the stored chunks it is cut from, which :func:`verify_cut` checks whole (each rank
+    the ones its own output files use)."""
     import dataclasses
 
     from torch.distributed.checkpoint.metadata import (
@@ -545,7 +546,7 @@ def hf_source_view(src: Any, model: Any, *, verify: bool = True) -> Any:
     plan = export_plan(model, tensors)
     if plan is None:
         return src
-    cut: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    cut: dict[str, dict[tuple[str, tuple[int, ...] | None], Any]] = {}
     new: dict[str, Any] = {}
     for name, (shape, dtype, parts) in plan.items():
         chunks: list[Any] = []
@@ -560,8 +561,8 @@ def hf_source_view(src: Any, model: Any, *, verify: bool = True) -> Any:
                     rng = _box_range(tuple(c.sizes), box_in_chunk, dtype.itemsize)
                     assert rng is not None
                     whole = rng[1] == c.length and isinstance(c.xxh3, str)
-                    if not whole:  # checked as a whole before (see the docstring)
-                        cut[(c.fqn, c.offsets)] = c
+                    if not whole:  # checked as a whole first (see the docstring)
+                        cut.setdefault(name, {})[(c.fqn, c.offsets)] = c
                     offsets = tuple(st for st, _ in box_out)
                     sizes = tuple(n for _, n in box_out)
                     xxh3 = c.xxh3 if whole else None
@@ -578,9 +579,18 @@ def hf_source_view(src: Any, model: Any, *, verify: bool = True) -> Any:
     for name, st in src.tensors.items():
         if name not in used and name not in new:
             new[name] = st
-    if verify:
-        _verify_whole(src, cut)
-    return dataclasses.replace(src, tensors=new)
+    return dataclasses.replace(src, tensors=new, cut=cut)
+
+
+def verify_cut(src: Any, names: Iterable[str]) -> None:
+    """Check whole, once each, the stored chunks that the exported tensors ``names`` of a
+    :func:`hf_source_view` are cut from (one streaming pass over each); raises
+    :class:`CorruptCheckpointError` on a mismatch. A rank of a distributed export checks the
+    chunks its own files use, so the work is split as the files are."""
+    chunks: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    for name in names:
+        chunks.update(src.cut.get(name, {}))
+    _verify_whole(src, chunks)
 
 
 def _intersect(
@@ -651,4 +661,5 @@ __all__ = [
     "hf_tensors",
     "load_plan",
     "model_for",
+    "verify_cut",
 ]
