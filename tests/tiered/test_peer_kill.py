@@ -83,11 +83,9 @@ def _killed(rank: int, world: int, base: str) -> None:
 
 
 def _leftovers(root: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(root))
-        for p in root.rglob("*")
-        if p.name.endswith((".ckptio-partial", ".ckptio-lease")) or ".ckptio-partial" in str(p)
-    )
+    """Staging directories (and what is in them) and leases under ``root``, relative to it."""
+    rel = (str(p.relative_to(root)) for p in root.rglob("*"))
+    return sorted(r for r in rel if ".ckptio-partial" in r or r.endswith(".ckptio-lease"))
 
 
 def _files(path: Path) -> dict[str, bytes]:
