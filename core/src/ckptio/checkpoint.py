@@ -48,7 +48,7 @@ from .errors import (
 )
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from .options import build_options, check_options, option_names
-from .planner import SafeLoadPlanner, SafeSavePlanner
+from .planner import WRAPPED, SafeLoadPlanner, SafeSavePlanner
 from .plugins import backend_factory, format_names, get_format
 from .state import PerRank, RNGState
 from .url import URL, parse_url
@@ -574,7 +574,7 @@ def load_checkpoint(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(
-                expanded,
+                {WRAPPED: expanded},  # one key for DCP's per-key Stateful checks (see the planner)
                 storage_reader=reader,
                 planner=planner,
                 process_group=pg,

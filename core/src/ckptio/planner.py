@@ -20,9 +20,25 @@ from typing import Any
 import torch
 import xxhash
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+    create_default_local_load_plan,
+)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    WriteItem,
+    WriteItemType,
+)
 from torch.distributed.tensor import DTensor
 
 from ._buffers import tensor_memoryview
@@ -110,12 +126,23 @@ class SafeSavePlanner(DefaultSavePlanner):
         return object
 
 
+#: The single key under which :func:`ckptio.load` hands DCP its state (see :class:`SafeLoadPlanner`).
+WRAPPED = "\x00ckptio-state"
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """:class:`DefaultLoadPlanner` that reads JSON objects and validates the state up front.
 
     :param strict: missing keys (in the state but not the checkpoint) are an error; in non-strict
         mode they are left untouched and reported in :attr:`missing`. Keys present in the
         checkpoint but not in the state (:attr:`unexpected`) are an error only in strict mode.
+
+    ``dcp.load`` checks every top-level value of the state against the runtime ``Stateful``
+    protocol, twice; each check costs about 10 us (``typing`` walks the class's attributes), 4 ms
+    for 200 tensors, which is 2% of a warm 2 GB load. ckptio has already turned ``Stateful``
+    objects into their state dicts (:func:`ckptio.checkpoint.expand_state`), so it hands DCP
+    ``{WRAPPED: state}`` and this planner plans for ``state`` itself: the names and the plan are
+    the same as without the wrapper.
     """
 
     def __init__(self, strict: bool = True, per_rank_keys: Iterable[str] = (), rank: int = 0) -> None:
@@ -131,6 +158,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def set_up_planner(
         self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False
     ) -> None:
+        if isinstance(state_dict, dict) and len(state_dict) == 1 and WRAPPED in state_dict:
+            state_dict = state_dict[WRAPPED]
         meta = _meta_tensors(state_dict)
         if meta:
             shown = ", ".join(meta[:10]) + (f", ... ({len(meta) - 10} more)" if len(meta) > 10 else "")
@@ -197,7 +226,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 fresh = torch.empty(md.size, dtype=md.properties.dtype)
                 self.state_dict[fqn] = fresh
                 set_element(self.original_state_dict, self.mappings[fqn], fresh)
-        return super().create_local_plan()
+        if self.missing:  # DCP's plan also tells pre-2.4 checkpoints' key names apart
+            return super().create_local_plan()
+        return LoadPlan(_whole_reads(self.state_dict, stored))
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
@@ -206,6 +237,49 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _whole_reads(state: dict[str, Any], stored: dict[str, Any]) -> list[ReadItem]:
+    """The plan DCP makes for ``state`` (every key stored, shapes checked) in the common case,
+    about 5x faster: a plain tensor stored in one chunk is read whole; any other tensor (a DTensor,
+    a resharded or chunked one) goes through DCP's own planning, one key at a time."""
+    items: list[ReadItem] = []
+    fallback: dict[str, Any] = {}
+    load = LoadItemType.TENSOR
+    for fqn, value in state.items():
+        md = stored[fqn]
+        if not isinstance(md, TensorStorageMetadata):
+            fallback[fqn] = value
+            continue
+        chunks = md.chunks
+        if (
+            type(value) not in _PLAIN
+            or len(chunks) != 1
+            or any(chunks[0].offsets)
+            or chunks[0].sizes != md.size
+            or 0 in md.size  # DCP reads nothing for an empty tensor
+        ):
+            fallback[fqn] = value
+            continue
+        zero = chunks[0].offsets  # a torch.Size of zeros, as DCP's own plan has
+        index = MetadataIndex(fqn, zero, 0)
+        items.append(
+            ReadItem(
+                type=load,
+                dest_index=index,
+                dest_offsets=zero,
+                storage_index=index,
+                storage_offsets=zero,
+                lengths=md.size,
+            )
+        )
+    if fallback:
+        meta = Metadata(state_dict_metadata=stored)
+        items.extend(create_default_local_load_plan(fallback, meta, True).items)
+    return items
 
 
 def _meta_tensors(state: Any) -> list[str]:
