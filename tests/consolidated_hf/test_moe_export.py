@@ -158,3 +158,47 @@ def test_fsdp2_two_ranks_export_per_expert(tmp_path: Path, source: str) -> None:
         first, second = (set(r["checked"]) for r in results)
         assert not first & second, first & second
         assert first | second == _stored_names(out)
+
+
+def _damaged_export(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Two FSDP2 ranks save a Qwen3-MoE (each fused expert tensor cut in two chunks), one byte of
+    a fused chunk is flipped, then both export it as HF: only the ranks whose files are cut from
+    that chunk read it, yet every rank must report damage."""
+    import ckptio_safetensors
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = _trained("qwen3_moe")
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    ckptio.save({"model": ckptio.ModelState(model)}, f"{root}/ck")
+    if rank == 0:
+        manifest = json.loads(Path(root, "ck", "manifest.json").read_text())
+        entry = next(
+            e for e in manifest["format_metadata"]["storage"] if e["fqn"].endswith("experts.gate_up_proj")
+        )
+        f = Path(root, "ck", entry["file"])
+        raw = bytearray(f.read_bytes())
+        raw[entry["pos"] + entry["length"] // 2] ^= 0x40
+        f.write_bytes(bytes(raw))
+    dist.barrier()
+    try:
+        ckptio_safetensors.consolidate(
+            f"{root}/ck",
+            f"{root}/hf",
+            config=model.config.to_dict(),
+            process_group=dist.group.WORLD,
+            progress=False,
+        )
+    except ckptio.CheckpointError as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {"error": None, "message": ""}
+
+
+def test_fsdp2_export_of_a_damaged_expert_chunk_fails_on_every_rank(tmp_path: Path) -> None:
+    results = run_ranks(_damaged_export, 2, args=(str(tmp_path),), timeout=240)
+    assert [r["error"] for r in results] == ["CorruptCheckpointError"] * 2, results
+    assert all("checksum" in r["message"] for r in results)
+    # nothing published, nothing left behind beside the source checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

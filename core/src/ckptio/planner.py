@@ -232,8 +232,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         t = self.state_dict.get(read_item.dest_index.fqn)
-        if type(t) in _PLAIN and t.shape == read_item.lengths:  # read whole: DCP returns t itself
-            return t
+        if isinstance(t, torch.Tensor) and type(t) in _PLAIN and t.shape == read_item.lengths:
+            return t  # read whole: DCP's lookup returns t itself
         return super().resolve_tensor(read_item)
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:

@@ -487,7 +487,7 @@ def consolidate(
     mine = [(n, names) for i, (n, names) in enumerate(zip(plan.names, plan.files)) if i % world == rank]
     total = sum(math.prod(specs[n][1]) * specs[n][0].itemsize for _, names in mine for n in names)
     bar = _progress(total, progress and rank == 0, du)
-    error: str | None = None
+    error: tuple[bool, str] | None = None  # (damage found, what happened on this rank)
     try:
         if verify:  # the stored chunks this rank's tensors are cut from, whole, before any is written
             verify_cut(src, (n for _, names in mine for n in names))
@@ -505,7 +505,7 @@ def consolidate(
                     backend, backend.join(work, fname), entries, assemble, pool, ring, n_workers, bar.update
                 )
     except BaseException as exc:
-        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+        error = (isinstance(exc, CorruptCheckpointError), f"rank {rank}: {type(exc).__name__}: {exc}")
         if world == 1 or not isinstance(exc, Exception):
             bar.close()
             abort()
@@ -515,7 +515,10 @@ def consolidate(
     failures = [e for e in (ext.all_gather(error, pg) if pg is not None else [error]) if e]
     if failures:
         _on_coordinator(abort, pg)
-        raise CheckpointError("consolidation failed: " + "; ".join(failures))
+        message = "consolidation failed: " + "; ".join(text for _, text in failures)
+        if any(damaged for damaged, _ in failures):  # every rank reports the damage as damage
+            raise CorruptCheckpointError(message)
+        raise CheckpointError(message)
 
     def publish() -> None:
         try:
