@@ -273,14 +273,14 @@ def test_peer_replication_option(tmp_path: Path) -> None:
 def test_peer_names() -> None:
     """Only canonical names are copies of the run's (``int("²")`` raises; ``node_000001`` is no one's)."""
     from ckptio import peer
-    from ckptio.tiered import _parse_step_dir
+    from ckptio.manager import parse_step_dir
 
     assert peer.parse_node_dir("node_00001") == 1 and peer.parse_node_dir("node_123456789") == 123456789
     for name in ("node_000001", "node_1", "node_0000²", "node_00001 ", "node_-0001"):
         assert peer.parse_node_dir(name) is None, name
-    assert _parse_step_dir("step_00000003") == 3
+    assert parse_step_dir("step_00000003") == 3
     for name in ("step_3", "step_²", "step_000000003", "step_0000000٣", "step_00000003.tmp"):
-        assert _parse_step_dir(name) is None, name
+        assert parse_step_dir(name) is None, name
     for name in ("a.bin", "sub/a.bin", ".metadata"):
         assert peer.safe_name(name), name
     for name in ("", "../a.bin", "sub/../../a.bin", "/etc/a.bin", "a//b", "./a", "a\\b", "a\x00b"):

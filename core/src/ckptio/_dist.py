@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch.distributed as dist
+
+from .errors import CheckpointError
 
 T = TypeVar("T")
 
@@ -69,3 +72,12 @@ def any_failed(failed: bool, pg: Any = None) -> bool:
     if not active(pg):
         return failed
     return any(all_gather(failed, pg))
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` when it survives pickling (to travel to the other ranks), else a CheckpointError."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return CheckpointError(f"{type(exc).__name__}: {exc}")

@@ -123,18 +123,25 @@ def run_dcp_save(expanded: dict[str, Any], writer: Any, pg: Any, what: Any) -> N
         raise translate(exc, f"save to {what}") from exc
 
 
-def read_manifest(backend: Backend, path: str) -> Manifest | None:
-    """The manifest at ``path``, ``None`` when there is none; damaged ones raise.
+def read_manifest_bytes(backend: Backend, path: str) -> bytes | None:
+    """The bytes of the manifest at ``path``, ``None`` when there is none.
 
     The size is checked before reading (:func:`~ckptio.backend.read_limited`), so a huge sparse
     file or a device planted as ``manifest.json`` is refused without being read.
     """
-    mpath = backend.join(path, MANIFEST_NAME)
     try:
-        data = read_limited(backend, mpath, MAX_MANIFEST_BYTES, "manifest")
+        return read_limited(backend, backend.join(path, MANIFEST_NAME), MAX_MANIFEST_BYTES, "manifest")
     except (CheckpointNotFoundError, FileNotFoundError):
         return None
-    manifest = Manifest.from_bytes(data, backend.url(mpath))
+
+
+def read_manifest(backend: Backend, path: str) -> Manifest | None:
+    """The manifest at ``path``, ``None`` when there is none; damaged ones raise
+    (read by :func:`read_manifest_bytes`)."""
+    data = read_manifest_bytes(backend, path)
+    if data is None:
+        return None
+    manifest = Manifest.from_bytes(data, backend.url(backend.join(path, MANIFEST_NAME)))
     manifest.source_digest = xxhash.xxh3_64_hexdigest(data)  # type: ignore[attr-defined]
     return manifest
 

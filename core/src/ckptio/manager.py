@@ -64,6 +64,19 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+_CANONICAL_STEP_RE = re.compile(r"^step_([0-9]{1,18})$")
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step a directory name stands for, for a canonical :func:`step_name` only
+    (``step_3``, ``step_²`` or ``step_000000003`` stand for none)."""
+    m = _CANONICAL_STEP_RE.match(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if step_name(step) == name else None
+
+
 @dataclass
 class StepDeletion:
     """What :meth:`CheckpointManager.delete` did to one step.
