@@ -135,6 +135,13 @@ def read_manifest_bytes(backend: Backend, path: str) -> bytes | None:
         return None
 
 
+def manifest_digest(data: bytes) -> str:
+    """The xxh3-64 of a manifest's bytes: what tells one save's manifest from another's (a load
+    compares it before and after reading; the tiered manager compares copies across tiers and
+    nodes)."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
 def read_manifest(backend: Backend, path: str) -> Manifest | None:
     """The manifest at ``path``, ``None`` when there is none; damaged ones raise
     (read by :func:`read_manifest_bytes`)."""
@@ -142,7 +149,7 @@ def read_manifest(backend: Backend, path: str) -> Manifest | None:
     if data is None:
         return None
     manifest = Manifest.from_bytes(data, backend.url(backend.join(path, MANIFEST_NAME)))
-    manifest.source_digest = xxhash.xxh3_64_hexdigest(data)  # type: ignore[attr-defined]
+    manifest.source_digest = manifest_digest(data)  # type: ignore[attr-defined]
     return manifest
 
 
@@ -497,7 +504,7 @@ def manifest_changed(backend: Backend, path: str, manifest: Manifest) -> bool:
         data = read_limited(backend, backend.join(path, MANIFEST_NAME), MAX_MANIFEST_BYTES, "manifest")
     except CheckpointError:
         return True
-    return xxhash.xxh3_64_hexdigest(data) != getattr(manifest, "source_digest", None)
+    return manifest_digest(data) != getattr(manifest, "source_digest", None)
 
 
 def load_checkpoint(

@@ -2,9 +2,10 @@
 local tiers of two nodes over ``torch.distributed`` point-to-point messages (docs/tiered.md).
 
 The byte mover only; the tiered manager (:mod:`ckptio.peer_copies`) decides what moves where,
-prepares and commits the receiving directories. A plan is a list of :class:`Transfer`, the same on every rank (built from
-values every rank gathered); each rank sends the transfers whose ``src`` it is, from a thread of
-its own, while its calling thread receives those whose ``dst`` it is, both in the plan's order.
+prepares and commits the receiving directories. A plan is a list of :class:`Transfer`, the same
+on every rank (built from values every rank gathered); each rank sends the transfers whose
+``src`` it is, from a thread of its own, while its calling thread receives those whose ``dst`` it
+is, both in the plan's order.
 The first pending transfer of the plan always has both ends at it, so the exchange cannot
 deadlock, whatever the ranks hold: a sender that cannot read a file still sends its agreed
 number of bytes (zeros), and the receiver's checksum rejects them.

@@ -21,11 +21,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import xxhash
-
 from . import _dist
 from . import peer as _peer
-from .checkpoint import read_manifest_bytes
+from .checkpoint import manifest_digest, read_manifest_bytes
 from .commit import Target, parse_leftover, recover, remove_leftovers
 from .errors import CheckpointError, ConcurrentWriteError
 from .manager import parse_step_dir, step_name
@@ -300,7 +298,7 @@ class PeerCopies:
                 own = read_manifest_bytes(lb, own_dir)
                 if own is not None:
                     own_names = sorted(x for x in lb.walk_files(own_dir) if x != MANIFEST_NAME)
-                    own_d, found["own"] = xxhash.xxh3_64_hexdigest(own), own
+                    own_d, found["own"] = manifest_digest(own), own
             except CheckpointError:
                 own_d = "damaged"
             kept_d: str | None = None
@@ -309,7 +307,7 @@ class PeerCopies:
                 kept = read_manifest_bytes(lb, kept_dir)
                 if kept is not None:
                     names = sorted(x for x in lb.walk_files(kept_dir) if x != MANIFEST_NAME)
-                    kept_d, found["kept"] = xxhash.xxh3_64_hexdigest(kept), kept
+                    kept_d, found["kept"] = manifest_digest(kept), kept
             except CheckpointError:
                 kept_d, names = None, []
             return (own_d, own_names, kept_d, names)

@@ -59,6 +59,7 @@ from .checkpoint import (
     check_metrics,
     expand_state,
     load_checkpoint,
+    manifest_digest,
     read_manifest,
     read_manifest_bytes,
     run_dcp_save,
@@ -395,10 +396,6 @@ def _solo_group() -> Any:
             group = dist.new_group(ranks=[rank], backend="gloo", use_local_synchronization=True)
             _SOLO[key] = group
     return group
-
-
-def _digest(data: bytes) -> str:
-    return xxhash.xxh3_64_hexdigest(data)
 
 
 def _file_digest(backend: Backend, path: str) -> tuple[int, str]:
@@ -1024,7 +1021,7 @@ class TieredCheckpointManager(PeerCopies):
                 names = sorted(n for n in lb.walk_files(src) if n != MANIFEST_NAME)
         except Exception as exc:
             err = _dist.portable(exc)
-        parts = _dist.all_gather((err, dom.index, None if data is None else _digest(data), names), g)
+        parts = _dist.all_gather((err, dom.index, None if data is None else manifest_digest(data), names), g)
         errors = [e for e, _, _, _ in parts if e is not None]
         if errors:
             raise errors[0]
@@ -1040,7 +1037,7 @@ class TieredCheckpointManager(PeerCopies):
             raise _Undrainable("the nodes' local copies have different manifests")
         assert data is not None
         m = Manifest.from_bytes(data, str(self.local_root.join(step_name(step))))
-        digest = _digest(data)
+        digest = manifest_digest(data)
         held = {d: set(ns) for _, d, _, ns in parts if ns is not None}
         mine = self._assign(m, held, dom).get(rank, [])
         target: Target | None = None
@@ -1052,7 +1049,7 @@ class TieredCheckpointManager(PeerCopies):
                 existing = read_manifest_bytes(db, dst)
             except CorruptCheckpointError:
                 existing = None  # damaged: replaced below
-            if existing is not None and _digest(existing) == digest:
+            if existing is not None and manifest_digest(existing) == digest:
                 return None  # copied before (a run stopped after the commit)
             self._clear_durable_leftovers(step)
             target = Target.prepare(db, dst, overwrite=True, what=what)
@@ -1304,7 +1301,7 @@ class TieredCheckpointManager(PeerCopies):
                 found = read_manifest_bytes(b, p)
             except CheckpointError:
                 return None
-            return None if found is None else _digest(found)
+            return None if found is None else manifest_digest(found)
 
         # the manifest every rank loads with: the durable one, else the coordinator's local one
         ref = _dist.on_coordinator(reference, pg, share_result=True)
@@ -1314,7 +1311,7 @@ class TieredCheckpointManager(PeerCopies):
             mine = read_manifest_bytes(lb, lpath)
         except CheckpointError:
             mine = None
-        local_ok = mine is not None and _digest(mine) == ref
+        local_ok = mine is not None and manifest_digest(mine) == ref
         if mine is not None and not local_ok:
             log.warning(
                 "rank %d: the local copy %s differs from the one being loaded (damaged, or another save of "
@@ -1344,7 +1341,7 @@ class TieredCheckpointManager(PeerCopies):
                 kept = read_manifest_bytes(lb, pdir)
             except CheckpointError:
                 kept = None
-            if kept is not None and _digest(kept) == ref:
+            if kept is not None and manifest_digest(kept) == ref:
                 peer_dir = pdir
                 if not sizes:
                     sizes = {
